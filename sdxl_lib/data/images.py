@@ -1,0 +1,45 @@
+"""Reading images and captions exactly as every stage must see them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The image as the user sees it: EXIF orientation applied, converted to RGB."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+
+
+def resize_and_crop(
+    image: Image.Image,
+    intermediate: tuple[int, int],
+    crop_left: int,
+    crop_top: int,
+    target: tuple[int, int],
+) -> Image.Image:
+    """Resize to the intermediate (width, height) with LANCZOS, then crop the target box."""
+    if image.size != intermediate:
+        image = image.resize(intermediate, Image.Resampling.LANCZOS)
+    return image.crop((crop_left, crop_top, crop_left + target[0], crop_top + target[1]))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def caption_from_filename(path: Path) -> str:
+    """The file stem as a caption: underscores become spaces, a numeric id prefix or suffix goes."""
+    text = path.stem.replace("_", " ")
+    text = re.sub(r"^\d+\s+|\s+\d+$", "", text)
+    return re.sub(r"\s+", " ", text).strip()

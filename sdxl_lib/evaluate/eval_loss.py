@@ -1,0 +1,59 @@
+"""Stable eval loss: the held-out split at fixed timesteps with fixed noise, so every run and every
+checkpoint is scored on exactly the same noisy inputs and the numbers are comparable."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.text import TextCache
+from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target
+
+
+def eval_timesteps(scheduler: DDPMScheduler, count: int) -> torch.Tensor:
+    """`count` timesteps evenly spaced over the whole schedule."""
+    last = scheduler.config.num_train_timesteps - 1
+    return torch.linspace(0, last, count).round().long()
+
+
+@torch.no_grad()
+def eval_loss_by_timestep(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    rows: list[dict],
+    latents: LatentCache,
+    texts: TextCache,
+    scaling: tuple[float, float],
+    timesteps: torch.Tensor,
+    seed: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Mean MSE over the rows, one value per timestep. Noise depends only on (seed, sample id)."""
+    scale, shift = scaling
+    dtype = unet.dtype
+    totals = torch.zeros(len(timesteps), dtype=torch.float64)
+    for row in sorted(rows, key=lambda r: r["sample_id"]):
+        generator = torch.Generator().manual_seed(derived_seed(seed, row["sample_id"]))
+        clean = (sample_posterior(*latents.posterior(row["sample_id"]), generator) - shift) * scale
+        noise = torch.randn((len(timesteps), *clean.shape), generator=generator)
+        prompt_embeds, pooled = texts.embeds(row["caption"])
+        for start in range(0, len(timesteps), batch_size):
+            t = timesteps[start : start + batch_size]
+            n = len(t)
+            clean_batch = clean.expand(n, *clean.shape)
+            noisy = scheduler.add_noise(clean_batch, noise[start : start + n], t)
+            target = training_target(scheduler, clean_batch, noise[start : start + n], t)
+            prediction = unet(
+                noisy.to(unet.device, dtype),
+                t.to(unet.device),
+                prompt_embeds.expand(n, *prompt_embeds.shape).to(unet.device, dtype),
+                added_cond_kwargs={
+                    "text_embeds": pooled.expand(n, *pooled.shape).to(unet.device, dtype),
+                    "time_ids": time_ids(row).expand(n, 6).to(unet.device, dtype),
+                },
+            ).sample
+            per_item = F.mse_loss(prediction.float().cpu(), target.float(), reduction="none")
+            totals[start : start + n] += per_item.mean(dim=(1, 2, 3)).double()
+    return (totals / len(rows)).float()

@@ -1,0 +1,78 @@
+"""The evaluate stage's work: eval loss and CLIP score for the base model and for base + LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from sdxl_lib import paths
+from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.text import TextCache
+from sdxl_lib.config import Params
+from sdxl_lib.errors import UserError
+from sdxl_lib.evaluate.clip_score import ClipScorer
+from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
+from sdxl_lib.evaluate.images import generate_validation_images, save_images
+from sdxl_lib.export import LORA_WEIGHTS
+from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline
+from sdxl_lib.sources import model_path, pin_model
+
+
+def _stats(prefix: str, scores: torch.Tensor) -> dict[str, float]:
+    return {
+        prefix: scores.mean().item(),
+        f"{prefix}_min": scores.min().item(),
+        f"{prefix}_max": scores.max().item(),
+        f"{prefix}_std": scores.std().item() if len(scores) > 1 else 0.0,
+    }
+
+
+def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Score base and LoRA on identical inputs; writes per-timestep losses and images to `out_dir`."""
+    if not (paths.LORA / LORA_WEIGHTS).is_file():
+        raise UserError(f"{paths.LORA / LORA_WEIGHTS}: missing; run the train stage first (dvc repro train)")
+    rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
+    if not rows:
+        raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
+    latents = LatentCache(paths.LATENTS, pq.read_table(paths.LATENTS / paths.CACHE_INDEX))
+    texts = TextCache(paths.TEXT, pq.read_table(paths.TEXT / paths.CACHE_INDEX))
+    scheduler = load_noise_scheduler(lock)
+    timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
+    scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
+    prompts = params.validation.validation_prompts
+    pipeline = load_pipeline(lock)
+
+    results: dict[str, torch.Tensor] = {}
+    for name in ("base", "lora"):
+        if name == "lora":  # the same public API users load our LoRA with
+            pipeline.load_lora_weights(str(paths.LORA))
+        results[f"loss_{name}"] = eval_loss_by_timestep(
+            pipeline.unet,
+            scheduler,
+            rows,
+            latents,
+            texts,
+            latent_scaling(lock),
+            timesteps,
+            params.evaluate.eval_seed,
+            params.evaluate.eval_batch_size,
+        )
+        images = generate_validation_images(pipeline, params.validation)
+        save_images(images, out_dir / "images", name)
+        results[f"clip_{name}"] = scorer.scores(images, prompts)
+
+    metrics = {
+        "eval_loss": results["loss_lora"].mean().item(),
+        "eval_loss_base": results["loss_base"].mean().item(),
+        **_stats("clip_score", results["clip_lora"]),
+        **_stats("clip_score_base", results["clip_base"]),
+        "eval_samples": len(rows),
+    }
+    by_timestep = [
+        {"timestep": int(t), "eval_loss_base": float(b), "eval_loss": float(lo)}
+        for t, b, lo in zip(timesteps, results["loss_base"], results["loss_lora"], strict=True)
+    ]
+    return {"metrics": metrics, "by_timestep": by_timestep}

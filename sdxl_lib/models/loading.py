@@ -1,0 +1,65 @@
+"""Loading the pinned base model's parts with `from_pretrained`, safetensors only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdxl_lib.sources import model_path
+
+SAFE = {"use_safetensors": True}
+
+
+def base_dir(lock: dict[str, Any]) -> Path:
+    return model_path(lock["model"])
+
+
+def load_vae(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE override (e.g. madebyollin/sdxl-vae-fp16-fix) if pinned, else the base model's."""
+    if lock.get("vae"):
+        return AutoencoderKL.from_pretrained(model_path(lock["vae"]), dtype=dtype, **SAFE)
+    return AutoencoderKL.from_pretrained(base_dir(lock), subfolder="vae", dtype=dtype, **SAFE)
+
+
+def load_text_encoders(
+    lock: dict[str, Any], dtype: torch.dtype = torch.float32
+) -> tuple[list[CLIPTokenizer], list[torch.nn.Module]]:
+    root = base_dir(lock)
+    tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [
+        CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **SAFE),
+        CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype, **SAFE),
+    ]
+    return tokenizers, [e.eval().requires_grad_(False) for e in encoders]
+
+
+def load_unet(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(base_dir(lock), subfolder="unet", dtype=dtype, **SAFE)
+
+
+def load_noise_scheduler(lock: dict[str, Any]) -> DDPMScheduler:
+    """The training-time view of the model's schedule (same betas, DDPM's add_noise)."""
+    return DDPMScheduler.from_pretrained(base_dir(lock), subfolder="scheduler")
+
+
+def load_pipeline(
+    lock: dict[str, Any], dtype: torch.dtype = torch.float32, **components: Any
+) -> StableDiffusionXLPipeline:
+    """The full SDXL pipeline of the pinned model; `components` replace parts (e.g. a trained UNet)."""
+    components.setdefault("vae", load_vae(lock, dtype))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(base_dir(lock), dtype=dtype, **components, **SAFE)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def latent_scaling(lock: dict[str, Any]) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of the VAE in use, read from its config alone."""
+    if lock.get("vae"):
+        config = AutoencoderKL.load_config(model_path(lock["vae"]))
+    else:
+        config = AutoencoderKL.load_config(base_dir(lock), subfolder="vae")
+    return float(config["scaling_factor"]), float(config.get("shift_factor") or 0.0)

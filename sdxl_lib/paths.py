@@ -1,0 +1,18 @@
+"""Artifact locations, relative to the project root; `dvc.yaml` names the same paths."""
+
+from pathlib import Path
+
+RAW = Path("data/raw")
+LOCK = Path("data/lock.json")
+BUCKETS = Path("data/buckets")
+PLAN = BUCKETS / "plan.parquet"
+SKIPPED = BUCKETS / "skipped.parquet"
+BUCKET_SUMMARY = BUCKETS / "summary.json"
+LATENTS = Path("data/latents")
+TEXT = Path("data/text")
+CACHE_INDEX = "index.parquet"  # inside LATENTS and TEXT
+LORA = Path("models/lora")
+CHECKPOINTS = Path("models/checkpoints")
+TRAIN_METRICS = Path("metrics/train")
+VALIDATION_IMAGES = TRAIN_METRICS / "validation"
+EVAL_METRICS = Path("metrics/evaluate")

@@ -1,0 +1,196 @@
+"""Where the base model, VAE and datasets come from, and the lock that pins them.
+
+A source is `builtin:...`, a local directory, or a Hugging Face Hub repo id. The `download` stage
+resolves each to a revision (a Hub commit, or a content / file-list hash) and writes them to a
+lock file that every later stage depends on, so a moved Hub branch is a visible change. Later
+stages resolve the model through the lock, never through the (possibly moved) branch name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+from sdxl_lib.config import Params
+from sdxl_lib.data.demo import generate_demo_dataset
+from sdxl_lib.errors import UserError
+from sdxl_lib.models.builtin import TINY_CLIP, TINY_SDXL, build_tiny_clip, build_tiny_sdxl
+
+BUILTIN_DEMO = "builtin:demo"
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    TINY_SDXL: build_tiny_sdxl,
+    TINY_CLIP: build_tiny_clip,
+}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what a diffusers / transformers folder needs: no pickles, no fp16 or ONNX duplicates.
+MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]
+SKIPPED_MODEL_FILES = ["*fp16*", "*.onnx*", "*openvino*", "*.bin", "*.ckpt", "*.msgpack"]
+
+
+def home() -> Path:
+    """Where built-in models are generated, like the Hub cache for downloaded ones."""
+    return Path(os.environ.get("SDXL_LORA_HOME", Path.home() / ".cache" / "sdxl-lora"))
+
+
+def tree_hash(directory: Path, content: bool = True) -> str:
+    """Hash of a folder: every file's relative path and bytes (or size and mtime if not `content`)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode())
+        if content:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            stat = path.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str, revision: str, repo_type: str, allow: list[str] | None) -> Path:
+    try:
+        path = snapshot_download(
+            repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            allow_patterns=allow,
+            ignore_patterns=SKIPPED_MODEL_FILES if allow else None,
+        )
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{repo_id}@{revision}: no such local folder, and not in the local Hub cache while the "
+            "Hub is unreachable (HF_HUB_OFFLINE set or no network); fix the path, or download it once online"
+        ) from None
+    except (HfHubHTTPError, HFValidationError) as err:
+        first_line = str(err).splitlines()[0]
+        raise UserError(
+            f"{repo_id}@{revision}: Hub {repo_type} download failed ({first_line}); check the id, "
+            "the revision, HF_ENDPOINT, and `hf auth login` for gated repos"
+        ) from None
+    return Path(path)
+
+
+def _generator_fingerprint() -> str:
+    """Changes whenever the generating code or the libraries that serialise the model change."""
+    import diffusers
+    import torch
+    import transformers
+
+    from sdxl_lib.models import builtin, tokenizer
+
+    digest = hashlib.sha256()
+    for module in (builtin, tokenizer):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    digest.update(f"{torch.__version__} {diffusers.__version__} {transformers.__version__}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _build_builtin(name: str) -> Path:
+    """Generate a built-in model once (atomically, so concurrent stages never see half a folder)."""
+    target = home() / "builtin" / f"{name.removeprefix('builtin:')}-{_generator_fingerprint()}"
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            BUILTIN_MODELS[name](Path(tmp) / "model")
+            # If another process finished first, theirs is identical: keep it.
+            with contextlib.suppress(OSError):
+                os.rename(Path(tmp) / "model", target)
+    return target
+
+
+def pin_model(source: str, revision: str = "main") -> dict[str, str]:
+    """Resolve a model source to a lock entry {source, kind, revision}."""
+    if source in BUILTIN_MODELS:
+        return {"source": source, "kind": "builtin", "revision": tree_hash(_build_builtin(source))}
+    if source.startswith("builtin:"):
+        known = ", ".join(BUILTIN_MODELS)
+        raise UserError(f"unknown built-in model '{source}': use one of {known}")
+    if Path(source).is_dir():
+        path = Path(source).resolve()
+        return {"source": str(path), "kind": "local", "revision": tree_hash(path, content=False)}
+    if REPO_ID.match(source):
+        path = _hub_snapshot(source, revision, "model", MODEL_FILES)
+        return {"source": source, "kind": "hub", "revision": path.name}
+    raise UserError(
+        f"model source '{source}' is neither a builtin, an existing folder, nor a Hub id (owner/name)"
+    )
+
+
+def model_path(entry: dict[str, str]) -> Path:
+    """The local folder of a pinned model; fetches or regenerates it if this machine lacks it."""
+    kind, source, revision = entry["kind"], entry["source"], entry["revision"]
+    if kind == "builtin":
+        path = _build_builtin(source)
+        if tree_hash(path) != revision:
+            raise UserError(
+                f"the built-in model {source} this installation generates differs from the one pinned "
+                "in the lock (made by another sdxl-lora/torch/diffusers version): run `dvc repro -f download`"
+            )
+        return path
+    if kind == "local":
+        if not Path(source).is_dir():
+            raise UserError(f"model folder {source} (pinned in the lock) no longer exists")
+        return Path(source)
+    return _hub_snapshot(source, revision, "model", MODEL_FILES)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """Hard-link files where the filesystem allows it (no extra space), else copy."""
+    for path in sorted(source.rglob("*")):
+        if not path.is_file() or ".cache" in path.relative_to(source).parts:
+            continue
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+def fetch_dataset(source: str, revision: str, target: Path) -> str:
+    """Materialise a dataset in `target`; returns the revision to pin."""
+    if source == BUILTIN_DEMO:
+        generate_demo_dataset(target)
+        return tree_hash(target)
+    if Path(source).is_dir():
+        _copy_tree(Path(source), target)
+        return tree_hash(target)
+    if REPO_ID.match(source):
+        snapshot = _hub_snapshot(source, revision, "dataset", None)
+        _copy_tree(snapshot, target)
+        return snapshot.name
+    raise UserError(
+        f"dataset source '{source}' is neither {BUILTIN_DEMO}, an existing folder, "
+        "nor a Hub dataset id (owner/name)"
+    )
+
+
+def download(params: Params, raw_dir: Path) -> dict[str, Any]:
+    """Fetch every dataset into `raw_dir/<id>` and pin model, VAE and datasets; returns the lock."""
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    datasets = []
+    for dataset in params.download.datasets:
+        revision = fetch_dataset(dataset.source, dataset.revision, raw_dir / dataset.id)
+        datasets.append({"id": dataset.id, "source": dataset.source, "revision": revision})
+    model = params.model
+    vae = model.pretrained_vae_model_name_or_path
+    return {
+        "model": pin_model(model.pretrained_model_name_or_path, model.revision),
+        "vae": pin_model(vae, model.vae_revision) if vae else None,
+        "datasets": datasets,
+    }
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run the download stage first (dvc repro download)")
+    return json.loads(path.read_text())

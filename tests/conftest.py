@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated model home, offline Hub, and one real DVC run of the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(shutil.which("sdxl-lora") or "sdxl-lora").parent
+
+# Set before the libraries are imported (huggingface_hub reads them once): built-in models go to
+# a temp home, and the Hub is offline so no test can reach the network.
+_TEST_HOME = Path(tempfile.mkdtemp(prefix="sdxl-lora-tests-"))
+os.environ["SDXL_LORA_HOME"] = str(_TEST_HOME / "sdxl-home")
+os.environ["HF_HOME"] = str(_TEST_HOME / "hf-home")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def set_params(project: Path, overrides: dict) -> None:
+    """Override `section.key` values in a project's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def new_project(directory: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding this project's pipeline and params (with overrides)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, directory / name)
+    shutil.copytree(ROOT / ".dvc", directory / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copy(ROOT / "params.yaml", directory / "params.yaml")
+    set_params(directory, overrides or {})
+    run(["git", "init", "-q"], directory)
+    run(["git", "add", "."], directory)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole pipeline run once with `dvc repro` on the demo.
+
+    Encoders run one input at a time so the caches can be compared bit for bit with the models
+    (CPU kernels differ in the last bits between batch sizes; a separate test bounds that)."""
+    overrides = {"encode.vae_batch_size": 1, "encode.text_batch_size": 1}
+    project = new_project(tmp_path_factory.mktemp("demo"), overrides)
+    result = run(["dvc", "repro"], project)
+    (project / "repro.log").write_text(result.stdout + result.stderr)
+    return project
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

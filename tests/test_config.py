@@ -1,0 +1,87 @@
+"""Every params mistake is one line that names the key and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run
+from typer.testing import CliRunner
+
+from sdxl_lib.config import load_params, parse_params
+from sdxl_lib.errors import UserError
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train": {"learning_rat": 1}}, "unknown key 'train.learning_rat': did you mean 'learning_rate'?"),
+        ({"trian": {}}, "unknown key 'trian': did you mean 'train'?"),
+        ({"train": {"lora_rank": 0}}, "train.lora_rank: Input should be greater than or equal to 1 (got 0)"),
+        (
+            {"bucket": {"crop_aspect": "sideways"}},
+            "bucket.crop_aspect: Input should be 'square' or 'preserve'",
+        ),
+        (
+            {"bucket": {"caption_strategy": "instanceprompt"}},
+            "bucket: caption_strategy 'instanceprompt' needs bucket.instance_prompt",
+        ),
+        (
+            {"download": {"datasets": [{"id": "a", "source": "x", "revison": "b"}]}},
+            "unknown key 'download.datasets.0.revison': did you mean 'revision'?",
+        ),
+        (
+            {"validation": {"validation_resolution": "1024"}},
+            "validation.validation_resolution: String should match",
+        ),
+    ],
+)
+def test_bad_params_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(UserError) as caught:
+        parse_params(raw)
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("params.yaml: ")
+
+
+def test_defaults_are_valid_and_unquoted_no_is_accepted() -> None:
+    params = parse_params({"train": {"mixed_precision": False}})
+    assert params.train.mixed_precision == "no"
+    assert parse_params({}).validation.size == (1024, 1024)
+
+
+def test_project_params_and_presets_are_valid() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.pretrained_model_name_or_path == "builtin:tiny-sdxl"
+    real = load_params(ROOT / "presets/sdxl-base-1.0.yaml")
+    assert real.model.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert real.train.mixed_precision == "bf16" and real.train.gradient_checkpointing
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train:\n  lora_rank: [1\n")
+    with pytest.raises(UserError, match=r"params.yaml: line \d+ is not valid YAML"):
+        load_params(broken)
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("train:\n  lora_rnak: 4\n")
+    result = run(["sdxl-lora", "bucket"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: params.yaml: unknown key 'train.lora_rnak': did you mean 'lora_rank'?"
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_every_stage_has_help() -> None:
+    runner = CliRunner()
+    for stage in ("download", "bucket", "encode_latents", "encode_text", "train", "evaluate"):
+        result = runner.invoke(app, [stage, "--help"])
+        assert result.exit_code == 0 and "--params" in result.output
+    assert "--params" in run(["python", "-m", "stages.bucket", "--help"], ROOT).stdout

@@ -1,0 +1,44 @@
+"""The exported LoRA reloads through diffusers' public API with its alpha, and is never NaN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from peft import LoraConfig
+
+from sdxl_lib.export import save_unet_lora
+from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.sources import model_path, pin_model
+
+
+def tiny_pipeline() -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline.from_pretrained(model_path(pin_model(TINY_SDXL)), use_safetensors=True)
+
+
+def test_alpha_survives_the_round_trip(tmp_path: Path) -> None:
+    trained = tiny_pipeline()
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    trained.unet.add_adapter(config)
+    save_unet_lora(trained.unet, tmp_path)
+    loaded = tiny_pipeline()
+    loaded.load_lora_weights(str(tmp_path))
+    scalings = [
+        m.scaling for n, m in loaded.unet.named_modules() if n.endswith("to_q") and hasattr(m, "scaling")
+    ]
+    assert scalings and all(list(s.values()) == [2.0] for s in scalings)
+    original = dict(trained.unet.named_parameters())
+    for name, value in loaded.unet.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(value, original[name.replace("default_0", "default")])
+
+
+def test_nan_lora_is_never_exported(tmp_path: Path) -> None:
+    unet = tiny_pipeline().unet
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    next(p for n, p in unet.named_parameters() if "lora_B" in n).data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        save_unet_lora(unet, tmp_path)
+    assert not any(tmp_path.iterdir())

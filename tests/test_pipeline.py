@@ -1,0 +1,137 @@
+"""The whole pipeline under DVC on the demo: outputs, caching, experiments, LoRA quality, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from conftest import read_json, run, set_params
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+from sdxl_lib.export import LORA_WEIGHTS
+from sdxl_lib.sources import model_path
+
+
+def test_repro_writes_every_artifact(demo_project: Path) -> None:
+    for path in [
+        "data/lock.json",
+        "data/buckets/plan.parquet",
+        "data/buckets/skipped.parquet",
+        "data/latents/index.parquet",
+        "data/text/index.parquet",
+        f"models/lora/{LORA_WEIGHTS}",
+        "metrics/train/metrics.json",
+        "metrics/train/plots/metrics/train_loss.tsv",
+        "metrics/evaluate/metrics.json",
+        "metrics/evaluate/eval_loss_by_timestep.json",
+    ]:
+        assert (demo_project / path).is_file(), path
+    summary = read_json(demo_project / "data/buckets/summary.json")
+    skipped = pq.read_table(demo_project / "data/buckets/skipped.parquet").to_pylist()
+    plan = pq.read_table(demo_project / "data/buckets/plan.parquet")
+    images = list((demo_project / "data/raw/demo").glob("*.png"))
+    # Every image is either planned or reported skipped with a reason.
+    assert plan.num_rows + len(skipped) == len(images)
+    assert summary["skipped"] == {"too_small": len(skipped)} and len(skipped) > 0
+    assert summary["eval"] > 0 and len(summary["buckets"]) >= 3
+    assert len(list((demo_project / "metrics/train/validation").glob("*.png"))) == 4
+
+
+def test_second_repro_does_nothing(demo_project: Path) -> None:
+    status = run(["dvc", "status", "--json"], demo_project)
+    assert json.loads(status.stdout) == {}
+    again = run(["dvc", "repro"], demo_project)
+    assert "Running stage" not in again.stdout
+
+
+def test_lora_beats_base_on_eval_loss(demo_project: Path) -> None:
+    metrics = read_json(demo_project / "metrics/evaluate/metrics.json")
+    assert metrics["eval_loss"] < 0.95 * metrics["eval_loss_base"], metrics
+    assert 0 <= metrics["clip_score_min"] <= metrics["clip_score"] <= metrics["clip_score_max"] <= 100
+
+
+def test_dvc_metrics_show_lists_the_metrics(demo_project: Path) -> None:
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], demo_project).stdout)
+    values = {k: v for file in shown[""]["data"].values() for k, v in file["data"].items()}
+    for name in ("eval_loss", "eval_loss_base", "clip_score", "clip_score_base", "final_train_loss"):
+        assert name in values, name
+
+
+def test_lora_loads_in_diffusers_and_changes_output(demo_project: Path) -> None:
+    lock = read_json(demo_project / "data/lock.json")
+    pipeline = StableDiffusionXLPipeline.from_pretrained(model_path(lock["model"]), use_safetensors=True)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def generate() -> torch.Tensor:
+        return pipeline(
+            "a red circle on a blue background",
+            height=128,
+            width=128,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+
+    before = generate()
+    pipeline.load_lora_weights(str(demo_project / "models/lora"))
+    loaded = sum("lora_A" in name for name, _ in pipeline.unet.named_parameters())
+    assert loaded == len(load_file(demo_project / "models/lora" / LORA_WEIGHTS)) // 2
+    assert (generate() - before).abs().max() > 1e-3
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(demo_project: Path, tmp_path: Path) -> None:
+    """A rerun after a 'crash' resumes from the last checkpoint and ends bit-identical."""
+    project = tmp_path / "copy"
+    shutil.copytree(demo_project, project, symlinks=True)
+    uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
+    checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "the demo run should have left a mid-run checkpoint"
+    shutil.rmtree(project / "models/lora")
+    result = run(["sdxl-lora", "train"], project)
+    assert f"resuming from models/checkpoints/{checkpoints[-1].name}" in result.stdout + result.stderr
+    resumed = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path, tmp_path: Path) -> None:
+    project = tmp_path / "exp"
+    shutil.copytree(demo_project, project, symlinks=True)
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo run"], project)
+    params = (project / "params.yaml").read_text()
+    set_params(project, {"train.learning_rate": 0.0005})
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert set(status) == {"train"}  # evaluate follows once train's output changes
+    (project / "params.yaml").write_text(params)
+    result = run(["dvc", "exp", "run", "-S", "train.learning_rate=0.0005"], project)
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}, result.stdout
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
+    assert "eval_loss" in json.dumps(shown)
+
+
+def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path: Path) -> None:
+    """The settings a real GPU run uses (bf16 autocast, gradient checkpointing, accumulation) train."""
+    project = tmp_path / "bf16"
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(
+        project,
+        {
+            "train.mixed_precision": "bf16",
+            "train.gradient_checkpointing": True,
+            "train.max_train_steps": 4,
+            "train.gradient_accumulation_steps": 2,
+            "train.validate_at_end": False,
+        },
+    )
+    before = load_file(project / "models/lora" / LORA_WEIGHTS)
+    run(["sdxl-lora", "train"], project)
+    after = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
