@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(shutil.which("sdxl-lora") or "sdxl-lora").parent
+# The environment running the tests also provides `dvc`, `sdxl-lora` and `python` to subprocesses.
+BIN = Path(sys.executable).parent
 
 # Set before the libraries are imported (huggingface_hub reads them once): built-in models go to
 # a temp home, and the Hub is offline so no test can reach the network.
