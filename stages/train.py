@@ -14,9 +14,11 @@ from stages.common import PARAMS_OPTION, run
 def main(params_file: Path = PARAMS_OPTION) -> None:
     """Write the LoRA to models/lora, checkpoints to models/checkpoints, metrics to metrics/train."""
     result = train(load_params(params_file), read_lock(paths.LOCK))
-    typer.echo(
-        f"train: {result['steps']} steps, final loss {result['final_train_loss']:.4f}, LoRA in {paths.LORA}"
-    )
+    if result is not None:  # only the main process reports
+        typer.echo(
+            f"train: {result['steps']} steps on {result['processes']} process(es), "
+            f"final loss {result['final_train_loss']:.4f}, LoRA in {paths.LORA}"
+        )
 
 
 if __name__ == "__main__":

@@ -135,3 +135,14 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
     assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
+
+
+def test_train_under_torchrun_with_two_processes(demo_project: Path, tmp_path: Path) -> None:
+    """`torchrun` / `accelerate launch` start a real distributed (gloo) run; the main process writes."""
+    project = tmp_path / "ddp"
+    shutil.copytree(demo_project, project, symlinks=True)
+    shutil.rmtree(project / "models")
+    set_params(project, {"train.max_train_steps": 3, "train.validate_at_end": False})
+    result = run(["torchrun", "--nproc_per_node", "2", "-m", "stages.train"], project)
+    assert result.stdout.count("train: 3 steps on 2 process(es)") == 1
+    assert (project / "models/lora" / LORA_WEIGHTS).is_file()

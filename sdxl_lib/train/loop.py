@@ -69,11 +69,15 @@ def save_checkpoint(
         shutil.rmtree(old)
 
 
-def train(params: Params, lock: dict[str, Any]) -> dict[str, float]:
+def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
+    """Train the LoRA; returns a summary on the main process and None on the others."""
     cfg = params.train
+    # accelerate treats a multi-process launch without CUDA as distributed (gloo) only when told CPU.
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=launched_processes > 1 and not torch.cuda.is_available(),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -231,4 +235,6 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float]:
         live.summary["final_train_loss"] = loss_value
         live.end()
     accelerator.end_training()
-    return {"final_train_loss": loss_value, "steps": cfg.max_train_steps}
+    if not accelerator.is_main_process:
+        return None
+    return {"final_train_loss": loss_value, "steps": cfg.max_train_steps, "processes": world}
