@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from sdxl_lib.errors import UserError
 
@@ -61,23 +69,103 @@ class DownloadParams(Section):
         return self
 
 
-class BucketParams(Section):
+class AspectBucket(Section):
+    aspect: float = Field(gt=0)
+    weight: float = Field(1.0, gt=0)
+
+
+class ParquetMetadata(Section):
+    """A metadata table read instead of opening every image (SimpleTuner's `parquet` block)."""
+
+    path: str = "metadata.parquet"  # relative to the dataset folder
+    filename_column: str = "filename"
+    caption_column: str = "caption"
+    width_column: str = "width"
+    height_column: str = "height"
+
+
+class DatasetSettings(Section):
+    """How one dataset's images become samples; SimpleTuner's multidatabackend.json keys."""
+
     resolution: float = Field(1024, gt=0)
     resolution_type: Literal["pixel", "area", "pixel_area"] = "pixel_area"
     minimum_image_size: float | None = Field(None, ge=0)
+    maximum_image_size: float | None = Field(None, gt=0)
+    target_downsample_size: float | None = Field(None, gt=0)
+    minimum_aspect_ratio: float | None = Field(None, gt=0)
+    maximum_aspect_ratio: float | None = Field(None, gt=0)
     crop: bool = True
-    crop_aspect: Literal["square", "preserve"] = "preserve"
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = "preserve"
+    crop_aspect_buckets: list[float | AspectBucket] | None = None
     crop_style: Literal["random", "center", "corner"] = "center"
-    caption_strategy: Literal["filename", "textfile", "instanceprompt"] = "textfile"
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = "textfile"
     instance_prompt: str | None = None
+    parquet: ParquetMetadata | None = None
+    random_flip: bool = False
+    repeats: int = Field(0, ge=0)  # extra passes per epoch: 0 = each image once (SimpleTuner's meaning)
+    probability: float = Field(1.0, ge=0.0, le=1.0)
+    disabled: bool = False
+    dataset_type: Literal["image", "eval"] = "image"  # eval: held out entirely
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSettings:
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError("caption_strategy 'instanceprompt' needs instance_prompt")
+        if self.caption_strategy == "parquet" and self.parquet is None:
+            raise ValueError("caption_strategy 'parquet' needs a parquet block (path, columns)")
+        if self.crop_aspect in ("closest", "random") and not self.crop_aspect_buckets:
+            raise ValueError(
+                f"crop_aspect '{self.crop_aspect}' needs crop_aspect_buckets, e.g. [0.75, 1.0, 1.33]"
+            )
+        if (self.maximum_image_size is None) != (self.target_downsample_size is None):
+            raise ValueError("set maximum_image_size and target_downsample_size together (or neither)")
+        low, high = self.minimum_aspect_ratio, self.maximum_aspect_ratio
+        if low and high and low > high:
+            raise ValueError("minimum_aspect_ratio is above maximum_aspect_ratio")
+        return self
+
+    @property
+    def aspect_choices(self) -> list[AspectBucket]:
+        return [
+            b if isinstance(b, AspectBucket) else AspectBucket(aspect=b)
+            for b in self.crop_aspect_buckets or []
+        ]
+
+
+# Every dataset key, optional: what `bucket.datasets.<id>` may override.
+DatasetOverrides = create_model(
+    "DatasetOverrides",
+    __base__=Section,
+    **{name: (field.annotation | None, None) for name, field in DatasetSettings.model_fields.items()},
+)
+
+
+class BucketParams(DatasetSettings):
+    """Defaults for every dataset, per-dataset overrides under `datasets`, and global settings."""
+
+    datasets: dict[str, DatasetOverrides] = {}  # type: ignore[valid-type]
+    # What to do with a train bucket holding fewer images than one batch (see README).
+    bucket_pruning: Literal["merge", "oversubscribe", "drop"] = "merge"
     seed: int = 42
 
     @model_validator(mode="after")
-    def _instance_prompt_given(self) -> BucketParams:
-        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
-            raise ValueError("caption_strategy 'instanceprompt' needs bucket.instance_prompt")
+    def _overrides_valid(self) -> BucketParams:
+        for dataset_id in self.datasets:
+            try:
+                self.for_dataset(dataset_id)
+            except ValidationError as err:
+                message = err.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"datasets.{dataset_id}: {message}") from None
         return self
+
+    def for_dataset(self, dataset_id: str) -> DatasetSettings:
+        """The defaults with this dataset's overrides applied."""
+        values = {name: getattr(self, name) for name in DatasetSettings.model_fields}
+        override = self.datasets.get(dataset_id)
+        if override is not None:
+            values.update(override.model_dump(exclude_none=True))
+        return DatasetSettings.model_validate(values)
 
 
 class EncodeParams(Section):
@@ -137,18 +225,37 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @model_validator(mode="after")
+    def _bucket_datasets_exist(self) -> Params:
+        known = [d.id for d in self.download.datasets]
+        for dataset_id in self.bucket.datasets:
+            if dataset_id not in known:
+                raise ValueError(
+                    f"bucket.datasets.{dataset_id}: no dataset '{dataset_id}' in download.datasets "
+                    f"(ids: {', '.join(known)})"
+                )
+        return self
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside an annotation like `X`, `X | None`, `list[X]` or `dict[str, X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
 
 def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model class that owns the field at `loc`, for did-you-mean suggestions."""
-    model: type[BaseModel] = Params
+    model: type[BaseModel] | None = Params
     for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation
-        inner = getattr(annotation, "__args__", (annotation,))[0]
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+        if model is None:
             return None
-        model = inner
+        if part in model.model_fields:  # list indexes and dict keys (dataset ids) are skipped
+            model = _model_in(model.model_fields[part].annotation)
     return model
 
 
@@ -162,6 +269,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
         hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(choices)}"
         return f"{source}: unknown key '{key}': {hint}"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across sections names its keys itself
+        return f"{source}: {message}"
     value = error.get("input")
     got = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{source}: {key}: {message}{got}"

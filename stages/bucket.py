@@ -7,25 +7,25 @@ import typer
 from sdxl_lib import paths
 from sdxl_lib.config import load_params
 from sdxl_lib.data.plan import build_plan
+from sdxl_lib.data.report import bucket_table, contact_sheet, histogram_rows
 from sdxl_lib.io import write_json, write_parquet
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
 
 
 def main(params_file: Path = PARAMS_OPTION) -> None:
-    """Write data/buckets/plan.parquet (one row per sample) and skipped.parquet (path, reason)."""
+    """Write data/buckets/plan.parquet (one row per sample variant) and skipped.parquet (path, reason)."""
     params = load_params(params_file)
     lock = read_lock(paths.LOCK)
     datasets = [(d["id"], paths.RAW / d["id"]) for d in lock["datasets"]]
-    plan, skipped, summary = build_plan(datasets, params.bucket, Path("."))
+    plan, skipped, summary = build_plan(datasets, params.bucket, Path("."), params.train.train_batch_size)
     write_parquet(plan, paths.PLAN)
     write_parquet(skipped, paths.SKIPPED)
     write_json(summary, paths.BUCKET_SUMMARY)
-    skips = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()) or "none"
-    typer.echo(
-        f"bucket: kept {summary['kept']} ({summary['train']} train, {summary['eval']} eval) "
-        f"in {len(summary['buckets'])} buckets; skipped: {skips}"
-    )
+    write_json(histogram_rows(summary), paths.BUCKET_HISTOGRAM)
+    paths.CONTACT_SHEET.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(plan.to_pylist(), Path(".")).save(paths.CONTACT_SHEET)
+    typer.echo(bucket_table(summary))
 
 
 if __name__ == "__main__":

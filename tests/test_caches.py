@@ -21,6 +21,8 @@ def crop_by_hand(path: Path, row: dict) -> torch.Tensor:
     """The recorded crop, rebuilt with PIL and numpy only (not the library's helpers)."""
     image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     image = image.resize((row["intermediate_width"], row["intermediate_height"]), Image.Resampling.LANCZOS)
+    if row["flip"]:
+        image = ImageOps.mirror(image)
     box = (
         row["crop_left"],
         row["crop_top"],
@@ -39,10 +41,11 @@ def test_cached_latents_equal_vae_posterior_of_recorded_crop(demo_project: Path)
         demo_project / "data/latents", pq.read_table(demo_project / "data/latents/index.parquet")
     )
     assert len({(r["target_width"], r["target_height"]) for r in rows}) > 1
+    assert any(r["flip"] for r in rows[::6]) and not all(r["flip"] for r in rows[::6])
     for row in rows[::6]:
         with torch.no_grad():
             posterior = vae.encode(crop_by_hand(demo_project / row["path"], row)).latent_dist
-        mean, std = cache.posterior(row["sample_id"])
+        mean, std = cache.posterior(row["variant_id"])
         assert mean.shape == (4, row["target_height"] // 8, row["target_width"] // 8)
         assert torch.equal(mean, posterior.mean[0]) and torch.equal(std, posterior.std[0])
 
@@ -56,7 +59,7 @@ def test_batched_encoding_matches_single(demo_project: Path, tmp_path: Path) -> 
     one, four = LatentCache(tmp_path / "one", single), LatentCache(tmp_path / "four", batched)
     for row in rows:
         torch.testing.assert_close(
-            one.posterior(row["sample_id"]), four.posterior(row["sample_id"]), atol=1e-5, rtol=1e-5
+            one.posterior(row["variant_id"]), four.posterior(row["variant_id"]), atol=1e-5, rtol=1e-5
         )
 
 
@@ -65,7 +68,7 @@ def test_shards_are_bounded(demo_project: Path, tmp_path: Path) -> None:
     rows = pq.read_table(demo_project / "data/buckets/plan.parquet").to_pylist()[:5]
     index = encode_latents(rows, load_vae(lock), demo_project, tmp_path, 2, "bf16", 0)
     assert len(set(index.column("shard").to_pylist())) == 5  # a 0 MB limit: one entry per shard
-    mean, _ = LatentCache(tmp_path, index).posterior(rows[0]["sample_id"])
+    mean, _ = LatentCache(tmp_path, index).posterior(rows[0]["variant_id"])
     assert mean.dtype == torch.bfloat16
 
 

@@ -23,11 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"train": {"lora_rank": 0}}, "train.lora_rank: Input should be greater than or equal to 1 (got 0)"),
         (
             {"bucket": {"crop_aspect": "sideways"}},
-            "bucket.crop_aspect: Input should be 'square' or 'preserve'",
+            "bucket.crop_aspect: Input should be 'square', 'preserve', 'closest' or 'random'",
         ),
         (
+            {"bucket": {"datasets": {"demo": {"crop_stlye": "x"}}}},
+            "unknown key 'bucket.datasets.demo.crop_stlye': did you mean 'crop_style'?",
+        ),
+        (
+            {"bucket": {"datasets": {"demo": {"crop_aspect": "closest"}}}},
+            "bucket: datasets.demo: crop_aspect 'closest' needs crop_aspect_buckets",
+        ),
+        (
+            {"bucket": {"datasets": {"photos": {}}}},
+            "params.yaml: bucket.datasets.photos: no dataset 'photos' in download.datasets (ids: demo)",
+        ),
+        ({"bucket": {"maximum_image_size": 2}}, "set maximum_image_size and target_downsample_size together"),
+        (
             {"bucket": {"caption_strategy": "instanceprompt"}},
-            "bucket: caption_strategy 'instanceprompt' needs bucket.instance_prompt",
+            "bucket: caption_strategy 'instanceprompt' needs instance_prompt",
         ),
         (
             {"download": {"datasets": [{"id": "a", "source": "x", "revison": "b"}]}},

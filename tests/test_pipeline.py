@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from conftest import read_json, run, set_params
@@ -35,10 +36,15 @@ def test_repro_writes_every_artifact(demo_project: Path) -> None:
     plan = pq.read_table(demo_project / "data/buckets/plan.parquet")
     images = list((demo_project / "data/raw/demo").glob("*.png"))
     # Every image is either planned or reported skipped with a reason.
-    assert plan.num_rows + len(skipped) == len(images)
+    originals = plan.filter(pc.invert(plan.column("flip")))
+    assert originals.num_rows + len(skipped) == len(images)
+    assert summary["flipped_variants"] == summary["train"]  # random_flip in the demo
     assert summary["skipped"] == {"too_small": len(skipped)} and len(skipped) > 0
     assert summary["eval"] > 0 and len(summary["buckets"]) >= 3
     assert len(list((demo_project / "metrics/train/validation").glob("*.png"))) == 4
+    assert (demo_project / "metrics/bucket/contact_sheet.png").is_file()
+    histogram = read_json(demo_project / "metrics/bucket/buckets.json")
+    assert sum(b["images"] for b in histogram) == summary["kept"]
 
 
 def test_second_repro_does_nothing(demo_project: Path) -> None:
@@ -146,3 +152,12 @@ def test_train_under_torchrun_with_two_processes(demo_project: Path, tmp_path: P
     result = run(["torchrun", "--nproc_per_node", "2", "-m", "stages.train"], project)
     assert result.stdout.count("train: 3 steps on 2 process(es)") == 1
     assert (project / "models/lora" / LORA_WEIGHTS).is_file()
+
+
+def test_dvc_plots_show_renders_buckets_and_contact_sheet(demo_project: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    run(["dvc", "plots", "show", "-o", str(out)], demo_project)
+    html = (out / "index.html").read_text()
+    assert "Images per bucket" in html and "bar" in html  # the histogram's vega spec
+    assert "contact_sheet.png" in html
+    assert list(out.rglob("*contact_sheet.png"))  # the image is copied next to the page

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import torch
@@ -10,12 +11,24 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from sdxl_lib.evaluate.eval_loss import eval_timesteps
 from sdxl_lib.models.builtin import TINY_SDXL
 from sdxl_lib.sources import model_path, pin_model
-from sdxl_lib.train.utils import BatchOrder, epoch_batches, time_ids, training_target
+from sdxl_lib.train.utils import BatchOrder, epoch_batches, epoch_samples, time_ids, training_target
 
 
-def row(sample_id: str, w: int = 320, h: int = 192, **crop: int) -> dict:
+def row(
+    sample_id: str,
+    w: int = 320,
+    h: int = 192,
+    flip: bool = False,
+    repeats: int = 0,
+    probability: float = 1.0,
+    **crop: int,
+) -> dict:
     return {
         "sample_id": sample_id,
+        "variant_id": sample_id + ("-flip" if flip else ""),
+        "flip": flip,
+        "repeats": repeats,
+        "probability": probability,
         "target_width": w,
         "target_height": h,
         "intermediate_width": crop.get("iw", 341),
@@ -51,11 +64,20 @@ def test_batches_come_from_one_bucket_and_cover_the_epoch() -> None:
 
 
 def test_batch_order_indexes_across_epochs() -> None:
-    rows = [row(f"s{i}") for i in range(5)]
+    rows = [row(f"s{i}", probability=0.6) for i in range(7)]
     order = BatchOrder(rows, 2, seed=3)
-    flat = epoch_batches(rows, 2, 3, 0) + epoch_batches(rows, 2, 3, 1)
+    flat = [b for epoch in range(4) for b in epoch_batches(rows, 2, 3, epoch)]
+    assert len({len(epoch_batches(rows, 2, 3, e)) for e in range(4)}) > 1  # epochs differ in length
     assert [order[i] for i in range(len(flat))] == flat
-    assert order[len(flat) - 1] == flat[-1] and order[0] == flat[0]  # random access
+    assert BatchOrder(rows, 2, seed=3)[len(flat) - 1] == flat[-1]  # random access, as on resume
+
+
+def test_epoch_draws_one_variant_per_image_with_repeats_and_probability() -> None:
+    rows = [row("a"), row("a", flip=True), row("b", repeats=2), row("c", probability=0.0)]
+    draws = [epoch_samples(rows, random.Random(i)) for i in range(200)]
+    assert all(Counter(r["sample_id"] for r in d) == {"a": 1, "b": 3} for d in draws)
+    flips = sum(r["flip"] for d in draws for r in d)
+    assert 60 < flips < 140  # the mirrored variant about half the time
 
 
 def test_training_target_by_prediction_type() -> None:

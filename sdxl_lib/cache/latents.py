@@ -16,7 +16,7 @@ from sdxl_lib.errors import UserError
 
 INDEX_SCHEMA = pa.schema(
     [
-        ("sample_id", pa.string()),
+        ("variant_id", pa.string()),
         ("shard", pa.string()),
         ("latent_height", pa.int32()),
         ("latent_width", pa.int32()),
@@ -32,6 +32,7 @@ def planned_pixels(row: dict, root: Path) -> torch.Tensor:
         row["crop_left"],
         row["crop_top"],
         (row["target_width"], row["target_height"]),
+        flip=row["flip"],
     )
     return to_tensor(image)
 
@@ -39,7 +40,7 @@ def planned_pixels(row: dict, root: Path) -> torch.Tensor:
 def batches_by_bucket(rows: list[dict], batch_size: int) -> list[list[dict]]:
     """Same-size batches (a batch never mixes buckets), in a deterministic order."""
     buckets: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["sample_id"]):
+    for row in sorted(rows, key=lambda r: r["variant_id"]):
         buckets[(row["target_width"], row["target_height"])].append(row)
     return [
         members[i : i + batch_size]
@@ -72,10 +73,10 @@ def encode_latents(
                         f"{row['path']}: the VAE produced NaN/inf latents; use encode.vae_dtype: fp32 "
                         "or model.pretrained_vae_model_name_or_path: madebyollin/sdxl-vae-fp16-fix"
                     )
-                shard = writer.add(row["sample_id"], {"mean": mean, "std": std})
+                shard = writer.add(row["variant_id"], {"mean": mean, "std": std})
                 index.append(
                     {
-                        "sample_id": row["sample_id"],
+                        "variant_id": row["variant_id"],
                         "shard": shard,
                         "latent_height": mean.shape[1],
                         "latent_width": mean.shape[2],
@@ -87,13 +88,13 @@ def encode_latents(
 
 
 class LatentCache:
-    """Posterior (mean, std) per sample id, read lazily from the shards."""
+    """Posterior (mean, std) per sample variant, read lazily from the shards."""
 
     def __init__(self, directory: Path, index: pa.Table) -> None:
         self.reader = ShardReader(
             directory,
-            dict(zip(index.column("sample_id").to_pylist(), index.column("shard").to_pylist(), strict=True)),
+            dict(zip(index.column("variant_id").to_pylist(), index.column("shard").to_pylist(), strict=True)),
         )
 
-    def posterior(self, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.reader.get(sample_id, "mean"), self.reader.get(sample_id, "std")
+    def posterior(self, variant_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.reader.get(variant_id, "mean"), self.reader.get(variant_id, "std")

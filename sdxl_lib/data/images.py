@@ -25,10 +25,14 @@ def resize_and_crop(
     crop_left: int,
     crop_top: int,
     target: tuple[int, int],
+    flip: bool = False,
 ) -> Image.Image:
-    """Resize to the intermediate (width, height) with LANCZOS, then crop the target box."""
+    """Resize to the intermediate (width, height) with LANCZOS, mirror if `flip`, then crop the
+    target box (for a flipped variant the plan's crop offset is already mirrored)."""
     if image.size != intermediate:
         image = image.resize(intermediate, Image.Resampling.LANCZOS)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image.crop((crop_left, crop_top, crop_left + target[0], crop_top + target[1]))
 
 

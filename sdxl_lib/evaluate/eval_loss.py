@@ -36,7 +36,7 @@ def eval_loss_by_timestep(
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
     for row in sorted(rows, key=lambda r: r["sample_id"]):
         generator = torch.Generator().manual_seed(derived_seed(seed, row["sample_id"]))
-        clean = (sample_posterior(*latents.posterior(row["sample_id"]), generator) - shift) * scale
+        clean = (sample_posterior(*latents.posterior(row["variant_id"]), generator) - shift) * scale
         noise = torch.randn((len(timesteps), *clean.shape), generator=generator)
         prompt_embeds, pooled = texts.embeds(row["caption"])
         for start in range(0, len(timesteps), batch_size):

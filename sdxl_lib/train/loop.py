@@ -83,6 +83,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
 
     # Data: the cached latents and text embeds of the train split, read lazily from shards.
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "train"]
+    if not any(r["probability"] > 0 for r in rows):
+        raise UserError("every dataset has probability 0: raise bucket probability for at least one")
     if len(rows) < cfg.train_batch_size:
         raise UserError(
             f"train.train_batch_size is {cfg.train_batch_size} but the train split has only "
@@ -167,7 +169,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
             batch = order[position * world + rank]
             model_input = torch.stack(
-                [sample_posterior(*latents.posterior(r["sample_id"]), generator) for r in batch]
+                [sample_posterior(*latents.posterior(r["variant_id"]), generator) for r in batch]
             )
             model_input = ((model_input - shift) * scale).to(accelerator.device)
             embeds = [texts.embeds(r["caption"]) for r in batch]

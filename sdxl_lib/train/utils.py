@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
 from collections import defaultdict
@@ -52,11 +53,27 @@ def training_target(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def epoch_samples(rows: list[dict], rng: random.Random) -> list[dict]:
+    """One epoch's draws: every image 1 + `repeats` times, each draw kept with its dataset's
+    `probability` and taking one of the image's variants (original or mirrored) at random."""
+    variants: dict[str, list[dict]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r["variant_id"]):
+        variants[row["sample_id"]].append(row)
+    draws = []
+    for sample_id in sorted(variants):
+        choices = variants[sample_id]
+        for _ in range(1 + choices[0]["repeats"]):
+            if choices[0]["probability"] < 1 and rng.random() >= choices[0]["probability"]:
+                continue
+            draws.append(choices[0] if len(choices) == 1 else rng.choice(choices))
+    return draws
+
+
 def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
     """One epoch's batches: each drawn from a single bucket, shuffled reproducibly per epoch."""
     rng = random.Random(derived_seed(seed, epoch))
     buckets: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["sample_id"]):
+    for row in epoch_samples(rows, rng):
         buckets[(row["target_width"], row["target_height"])].append(row)
     batches = []
     for key in sorted(buckets):
@@ -69,16 +86,25 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> l
 
 class BatchOrder:
     """The endless sequence of batches, addressable by index: the data order is a function of
-    (seed, index) alone, which is what makes resuming from any step exact."""
+    (seed, index) alone, which is what makes resuming from any step exact. Epochs can differ in
+    length (`probability` < 1), so their start offsets are computed once and remembered."""
 
     def __init__(self, rows: list[dict], batch_size: int, seed: int) -> None:
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.per_epoch = len(epoch_batches(rows, batch_size, seed, 0))
+        self._starts = [0]  # index of the first batch of each epoch computed so far
         self._epoch, self._batches = -1, []
 
-    def __getitem__(self, index: int) -> list[dict]:
-        epoch, position = divmod(index, self.per_epoch)
+    def _load(self, epoch: int) -> list[list[dict]]:
         if epoch != self._epoch:
-            self._epoch = epoch
-            self._batches = epoch_batches(self.rows, self.batch_size, self.seed, epoch)
-        return self._batches[position]
+            self._epoch, self._batches = epoch, epoch_batches(self.rows, self.batch_size, self.seed, epoch)
+        return self._batches
+
+    def __getitem__(self, index: int) -> list[dict]:
+        epoch = bisect.bisect_right(self._starts, index) - 1
+        while True:
+            batches = self._load(epoch)
+            if len(self._starts) == epoch + 1:
+                self._starts.append(self._starts[epoch] + len(batches))
+            if index < self._starts[epoch + 1]:
+                return batches[index - self._starts[epoch]]
+            epoch += 1
