@@ -366,3 +366,19 @@ def test_parallel_scan_equals_sequential(tmp_path: Path) -> None:
 def test_caption_from_filename() -> None:
     assert caption_from_filename(Path("007_a_red_dog.png")) == "a red dog"
     assert caption_from_filename(Path("a   cat 12.jpg")) == "a cat"
+
+
+def test_eval_split_is_seeded_and_stable_under_growth(tmp_path: Path) -> None:
+    squares(tmp_path / "a", 40)
+    params = BucketParams(resolution=128, eval_fraction=0.3)
+
+    def held_out(seed: int) -> set[str]:
+        plan, _, _ = build_plan(
+            [("a", tmp_path / "a")], params.model_copy(update={"seed": seed}), tmp_path, 1
+        )
+        return {r["sample_id"] for r in plan.to_pylist() if r["split"] == "eval"}
+
+    first = held_out(1)
+    assert first != held_out(2)
+    squares(tmp_path / "a" / "more", 10)  # new images never move the old ones across the split
+    assert held_out(1) & first == first

@@ -132,9 +132,11 @@ def read_metadata_table(folder: Path, settings: DatasetSettings) -> dict[str, tu
     return {str(name): (str(caption), int(w), int(h)) for name, caption, w, h in rows}
 
 
-def is_eval(sample_id: str, fraction: float) -> bool:
-    """Stable split: a sample's side depends only on its content hash, not on the rest of the data."""
-    return int(sample_id[:8], 16) / 2**32 < fraction
+def is_eval(sample_id: str, fraction: float, seed: int) -> bool:
+    """Seeded, stable split: a sample's side depends on (seed, its content hash) only, so adding
+    images never moves existing ones between train and eval."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
 def _row(base: dict, crop: CropPlan) -> dict:
@@ -247,7 +249,7 @@ def build_plan(
             continue
         caption, source = (known[0], "parquet") if known else read_caption(path, s)
         sources[source] += 1
-        held_out = s.dataset_type == "eval" or is_eval(sample_id, s.eval_fraction)
+        held_out = s.dataset_type == "eval" or is_eval(sample_id, s.eval_fraction, params.seed)
         base = {
             "sample_id": sample_id,
             "dataset_id": dataset_id,
