@@ -1,5 +1,6 @@
-"""encode_latents: cache the VAE posterior (mean, std) of every planned crop."""
+"""encode_latents: cache the VAE posterior (mean, std) of every planned crop, incrementally."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -7,24 +8,41 @@ import typer
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import encode_latents
-from sdxl_lib.cache.shards import DTYPES
+from sdxl_lib.cache.shards import DTYPES, describe
 from sdxl_lib.config import load_params
-from sdxl_lib.io import write_parquet
+from sdxl_lib.distributed import process_state
+from sdxl_lib.io import write_json
 from sdxl_lib.models.loading import load_vae
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
 
 
 def main(params_file: Path = PARAMS_OPTION) -> None:
-    """Write sharded safetensors latents and their index to data/latents."""
+    """Update the sharded safetensors latents and their index in data/latents (new entries only)."""
     params = load_params(params_file).encode
-    vae = load_vae(read_lock(paths.LOCK), DTYPES[params.vae_dtype])
+    lock = read_lock(paths.LOCK)
+    state = process_state()
+    vae = load_vae(lock, DTYPES[params.vae_dtype]).to(state.device)
+    vae_identity = json.dumps([lock["vae"] or lock["model"], params.vae_dtype, params.cache_dtype])
     rows = pq.read_table(paths.PLAN).to_pylist()
-    index = encode_latents(
-        rows, vae, Path("."), paths.LATENTS, params.vae_batch_size, params.cache_dtype, params.shard_size_mb
+    result = encode_latents(
+        rows,
+        vae,
+        Path("."),
+        paths.LATENTS,
+        params.vae_batch_size,
+        params.cache_dtype,
+        params.shard_size_mb,
+        vae_identity,
+        state,
     )
-    write_parquet(index, paths.LATENTS / paths.CACHE_INDEX)
-    typer.echo(f"encode_latents: {index.num_rows} samples into {paths.LATENTS}")
+    if result is not None:  # the main process writes the index was written with the shards; it reports
+        index, report = result
+        write_json(report, paths.ENCODE_METRICS / "latents.json")
+        typer.echo(
+            f"encode_latents: {index.num_rows} entries in {paths.LATENTS} on {state.num_processes} "
+            f"process(es): {describe(report)}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from accelerate import PartialState
 from conftest import read_json
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageOps
@@ -54,8 +55,10 @@ def test_batched_encoding_matches_single(demo_project: Path, tmp_path: Path) -> 
     lock = read_json(demo_project / "data/lock.json")
     rows = pq.read_table(demo_project / "data/buckets/plan.parquet").to_pylist()[:6]
     vae = load_vae(lock)
-    single = encode_latents(rows, vae, demo_project, tmp_path / "one", 1, "fp32", 64)
-    batched = encode_latents(rows, vae, demo_project, tmp_path / "four", 4, "fp32", 64)
+    single, _ = encode_latents(rows, vae, demo_project, tmp_path / "one", 1, "fp32", 64, "v", PartialState())
+    batched, _ = encode_latents(
+        rows, vae, demo_project, tmp_path / "four", 4, "fp32", 64, "v", PartialState()
+    )
     one, four = LatentCache(tmp_path / "one", single), LatentCache(tmp_path / "four", batched)
     for row in rows:
         torch.testing.assert_close(
@@ -66,7 +69,7 @@ def test_batched_encoding_matches_single(demo_project: Path, tmp_path: Path) -> 
 def test_shards_are_bounded(demo_project: Path, tmp_path: Path) -> None:
     lock = read_json(demo_project / "data/lock.json")
     rows = pq.read_table(demo_project / "data/buckets/plan.parquet").to_pylist()[:5]
-    index = encode_latents(rows, load_vae(lock), demo_project, tmp_path, 2, "bf16", 0)
+    index, _ = encode_latents(rows, load_vae(lock), demo_project, tmp_path, 2, "bf16", 0, "v", PartialState())
     assert len(set(index.column("shard").to_pylist())) == 5  # a 0 MB limit: one entry per shard
     mean, _ = LatentCache(tmp_path, index).posterior(rows[0]["variant_id"])
     assert mean.dtype == torch.bfloat16
@@ -105,8 +108,44 @@ def test_batched_text_encoding_matches_single(demo_project: Path) -> None:
 def test_long_captions_are_truncated_and_counted(tmp_path: Path, demo_project: Path) -> None:
     tokenizers, encoders = load_text_encoders(read_json(demo_project / "data/lock.json"))
     long_caption = " ".join(["red circle"] * 60)
-    index = encode_captions([long_caption, "short"], tokenizers, encoders, tmp_path, 8, "fp32", 64)
+    index, _ = encode_captions(
+        [long_caption, "short"], tokenizers, encoders, tmp_path, 8, "fp32", 64, "t", PartialState()
+    )
     truncated = dict(
         zip(index.column("caption").to_pylist(), index.column("truncated").to_pylist(), strict=True)
     )
     assert truncated == {long_caption: True, "short": False, "": False}
+
+
+def test_rerun_encodes_only_new_keys_and_drops_stale_ones(demo_project: Path, tmp_path: Path) -> None:
+    lock = read_json(demo_project / "data/lock.json")
+    rows = pq.read_table(demo_project / "data/buckets/plan.parquet").to_pylist()
+    vae, state = load_vae(lock), PartialState()
+
+    def encode(subset: list[dict], identity: str = "v") -> tuple:
+        return encode_latents(subset, vae, demo_project, tmp_path, 2, "fp32", 1, identity, state)
+
+    first, report = encode(rows[:10])
+    assert report == {"encoded": 10, "reused": 0, "removed": 0}
+    before = LatentCache(tmp_path, first).posterior(rows[3]["variant_id"])
+    index, report = encode(rows[2:12])  # two images gone, two new
+    assert report == {"encoded": 2, "reused": 8, "removed": 2}
+    assert index.column("variant_id").to_pylist() == sorted(r["variant_id"] for r in rows[2:12])
+    after = LatentCache(tmp_path, index).posterior(rows[3]["variant_id"])
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    moved = {**rows[3], "crop_top": rows[3]["crop_top"] + 1}  # a new crop is a new key
+    assert encode([rows[2], moved, *rows[4:12]])[1] == {"encoded": 1, "reused": 9, "removed": 1}
+    assert encode(rows[2:12], identity="another VAE")[1] == {"encoded": 10, "reused": 0, "removed": 10}
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}-*"))  # no staging or part folders left
+
+
+def test_recaptioning_encodes_only_the_new_caption(demo_project: Path, tmp_path: Path) -> None:
+    tokenizers, encoders = load_text_encoders(read_json(demo_project / "data/lock.json"))
+
+    def encode(captions: list[str]) -> dict:
+        return encode_captions(captions, tokenizers, encoders, tmp_path, 4, "fp32", 64, "t", PartialState())[
+            1
+        ]
+
+    assert encode(["a red dog", "a blue cat"]) == {"encoded": 3, "reused": 0, "removed": 0}  # + empty caption
+    assert encode(["a red dog", "a green cat"]) == {"encoded": 1, "reused": 2, "removed": 1}

@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from conftest import read_json, run, set_params
+from conftest import new_project, read_json, run, set_params
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl_lib.export import LORA_WEIGHTS
@@ -161,3 +162,49 @@ def test_dvc_plots_show_renders_buckets_and_contact_sheet(demo_project: Path, tm
     assert "Images per bucket" in html and "bar" in html  # the histogram's vega spec
     assert "contact_sheet.png" in html
     assert list(out.rglob("*contact_sheet.png"))  # the image is copied next to the page
+
+
+def test_two_process_encoding_equals_one_process_byte_for_byte(demo_project: Path, tmp_path: Path) -> None:
+    outputs = {}
+    for processes in (1, 2):
+        project = tmp_path / f"p{processes}"
+        shutil.copytree(demo_project, project, symlinks=True)
+        set_params(
+            project, {"encode.vae_batch_size": 3, "encode.text_batch_size": 5, "encode.shard_size_mb": 1}
+        )
+        for stage in ("encode_latents", "encode_text"):
+            shutil.rmtree(project / "data" / stage.removeprefix("encode_"))
+            launcher = ["torchrun", "--nproc_per_node", str(processes), "-m", f"stages.{stage}"]
+            # Same threads per process in both runs (torchrun gives each of several processes one):
+            # CPU kernels sum in another order with another thread count.
+            result = run(launcher, project, OMP_NUM_THREADS="1")
+            assert f"on {processes} process(es)" in result.stdout
+        outputs[processes] = {
+            p.relative_to(project).as_posix(): p.read_bytes()
+            for p in sorted((project / "data").glob("*/*"))
+            if p.parent.name in ("latents", "text")
+        }
+    assert len(outputs[1]) > 4 and outputs[1] == outputs[2]
+
+
+def test_adding_images_reencodes_only_them(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        Image.new("RGB", (128 + 64 * (i % 3), 128), (i * 12, 80, 160)).save(
+            images / f"photo_{chr(97 + i)}.png"
+        )
+    project = new_project(
+        tmp_path / "project", {"bucket.random_flip": False, "bucket.minimum_image_size": None}
+    )
+    set_params(project, {"bucket.eval_fraction": 0.1})
+    params = (project / "params.yaml").read_text().replace("builtin:demo", str(images))
+    (project / "params.yaml").write_text(params)
+    run(["dvc", "repro", "encode_latents", "encode_text"], project)
+    assert read_json(project / "metrics/encode/latents.json")["encoded"] == 20
+    for i in (20, 21):
+        Image.new("RGB", (128, 192), (i * 12, 10, 10)).save(images / f"photo_{chr(97 + i)}.png")
+    run(["dvc", "repro", "-f", "download"], project)
+    run(["dvc", "repro", "encode_latents", "encode_text"], project)
+    assert read_json(project / "metrics/encode/latents.json") == {"encoded": 2, "reused": 20, "removed": 0}
+    assert read_json(project / "metrics/encode/text.json")["encoded"] == 2

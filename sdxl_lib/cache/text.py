@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm import tqdm
+from accelerate import PartialState
 from transformers import CLIPTokenizer
 
-from sdxl_lib.cache.shards import DTYPES, ShardReader, ShardWriter
+from sdxl_lib.cache.shards import DTYPES, ShardReader, build_incremental_cache, cached_shards
 
 INDEX_SCHEMA = pa.schema(
     [
-        ("caption_key", pa.string()),
+        ("key", pa.string()),
         ("caption", pa.string()),
         ("shard", pa.string()),
         ("num_tokens", pa.int32()),
@@ -23,8 +24,9 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def caption_key(caption: str) -> str:
-    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+def caption_key(caption: str, encoder_identity: str) -> str:
+    """Everything a cached embedding depends on: the caption text and the text encoders."""
+    return hashlib.sha256(json.dumps([caption, encoder_identity]).encode()).hexdigest()[:32]
 
 
 @torch.no_grad()
@@ -61,42 +63,66 @@ def encode_captions(
     batch_size: int,
     cache_dtype: str,
     shard_size_mb: int,
-) -> pa.Table:
-    """Encode distinct captions (always including the empty one, for caption dropout)."""
+    encoder_identity: str,
+    state: PartialState,
+) -> tuple[pa.Table, dict[str, int]] | None:
+    """Bring the text cache up to date with the distinct captions (always including the empty one,
+    for caption dropout), encoding only new entries. Returns (index, report) on the main process."""
     distinct = sorted(set(captions) | {""})
-    writer = ShardWriter(out_dir, "text", shard_size_mb << 20, DTYPES[cache_dtype])
+    keys = {caption: caption_key(caption, encoder_identity) for caption in distinct}
+    previous = cached_shards(out_dir)
+    missing = [c for c in distinct if keys[c] not in previous]
+    batches = [
+        [(keys[c], c) for c in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)
+    ]
+
+    def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
+        prompt_embeds, pooled = encode_prompts(tokenizers, encoders, batch)
+        return [
+            {"prompt_embeds": e, "pooled_prompt_embeds": p}
+            for e, p in zip(prompt_embeds, pooled, strict=True)
+        ]
+
     limit = tokenizers[0].model_max_length
-    index = []
-    with tqdm(total=len(distinct), desc="encode_text", unit="caption") as progress:
-        for start in range(0, len(distinct), batch_size):
-            batch = distinct[start : start + batch_size]
-            prompt_embeds, pooled = encode_prompts(tokenizers, encoders, batch)
-            for caption, embeds, pool, n in zip(
-                batch, prompt_embeds, pooled, token_counts(tokenizers[0], batch), strict=True
-            ):
-                key = caption_key(caption)
-                shard = writer.add(key, {"prompt_embeds": embeds, "pooled_prompt_embeds": pool})
-                index.append(
-                    {
-                        "caption_key": key,
-                        "caption": caption,
-                        "shard": shard,
-                        "num_tokens": n,
-                        "truncated": n > limit,
-                    }
-                )
-            progress.update(len(batch))
-    writer.flush()
-    return pa.Table.from_pylist(index, schema=INDEX_SCHEMA)
+    counts = token_counts(tokenizers[0], distinct)
+
+    def make_index(shard_of: dict[str, str]) -> pa.Table:
+        return pa.Table.from_pylist(
+            [
+                {
+                    "key": keys[c],
+                    "caption": c,
+                    "shard": shard_of[keys[c]],
+                    "num_tokens": n,
+                    "truncated": n > limit,
+                }
+                for c, n in zip(distinct, counts, strict=True)
+            ],
+            schema=INDEX_SCHEMA,
+        )
+
+    return build_incremental_cache(
+        out_dir,
+        "text",
+        list(keys.values()),
+        batches,
+        encode,
+        make_index,
+        DTYPES[cache_dtype],
+        shard_size_mb << 20,
+        state,
+        "encode_text",
+    )
 
 
 class TextCache:
     """(prompt_embeds, pooled_prompt_embeds) per caption, read lazily from the shards."""
 
     def __init__(self, directory: Path, index: pa.Table) -> None:
-        keys = index.column("caption_key").to_pylist()
-        self.reader = ShardReader(directory, dict(zip(keys, index.column("shard").to_pylist(), strict=True)))
+        columns = [index.column(c).to_pylist() for c in ("caption", "key", "shard")]
+        self.key_of = dict(zip(columns[0], columns[1], strict=True))
+        self.reader = ShardReader(directory, dict(zip(columns[1], columns[2], strict=True)))
 
     def embeds(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = caption_key(caption)
+        key = self.key_of[caption]
         return self.reader.get(key, "prompt_embeds"), self.reader.get(key, "pooled_prompt_embeds")

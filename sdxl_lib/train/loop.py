@@ -25,6 +25,7 @@ from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache
 from sdxl_lib.cache.text import TextCache
 from sdxl_lib.config import Params
+from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
 from sdxl_lib.export import save_unet_lora
@@ -72,12 +73,10 @@ def save_checkpoint(
 def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     """Train the LoRA; returns a summary on the main process and None on the others."""
     cfg = params.train
-    # accelerate treats a multi-process launch without CUDA as distributed (gloo) only when told CPU.
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=launched_processes > 1 and not torch.cuda.is_available(),
+        cpu=cpu_launch(),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
 
