@@ -12,7 +12,7 @@ import torch
 from accelerate import PartialState
 from diffusers import AutoencoderKL
 
-from sdxl_lib.cache.shards import DTYPES, ShardReader, build_incremental_cache, cached_shards
+from sdxl_lib.cache.shards import DTYPES, KeyedCache, build_incremental_cache, cached_shards
 from sdxl_lib.data.images import open_rgb, resize_and_crop, to_tensor
 from sdxl_lib.errors import UserError
 
@@ -133,14 +133,12 @@ def encode_latents(
     )
 
 
-class LatentCache:
+class LatentCache(KeyedCache):
     """Posterior (mean, std) per sample variant, read lazily from the shards."""
 
     def __init__(self, directory: Path, index: pa.Table) -> None:
-        columns = [index.column(c).to_pylist() for c in ("variant_id", "key", "shard")]
-        self.key_of = dict(zip(columns[0], columns[1], strict=True))
-        self.reader = ShardReader(directory, dict(zip(columns[1], columns[2], strict=True)))
+        super().__init__(directory, index, "variant_id")
 
     def posterior(self, variant_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self.key_of[variant_id]
-        return self.reader.get(key, "mean"), self.reader.get(key, "std")
+        mean, std = self.tensors(variant_id, "mean", "std")
+        return mean, std

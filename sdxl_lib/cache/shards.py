@@ -85,6 +85,19 @@ class ShardReader:
         return {name: handle.get_tensor(f"{key}.{name}") for name in self._names[self.shard_of[key]][key]}
 
 
+class KeyedCache:
+    """A cache read through its index: `id_column` value (variant id, caption) -> key -> shard."""
+
+    def __init__(self, directory: Path, index: pa.Table, id_column: str) -> None:
+        ids, keys, shards = (index.column(c).to_pylist() for c in (id_column, "key", "shard"))
+        self.key_of = dict(zip(ids, keys, strict=True))
+        self.reader = ShardReader(directory, dict(zip(keys, shards, strict=True)))
+
+    def tensors(self, entry_id: str, *names: str) -> tuple[torch.Tensor, ...]:
+        key = self.key_of[entry_id]
+        return tuple(self.reader.get(key, name) for name in names)
+
+
 def cached_shards(directory: Path) -> dict[str, str]:
     """key -> shard of an existing cache (empty when there is none yet)."""
     index = directory / "index.parquet"

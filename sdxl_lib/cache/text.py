@@ -11,7 +11,7 @@ import torch
 from accelerate import PartialState
 from transformers import CLIPTokenizer
 
-from sdxl_lib.cache.shards import DTYPES, ShardReader, build_incremental_cache, cached_shards
+from sdxl_lib.cache.shards import DTYPES, KeyedCache, build_incremental_cache, cached_shards
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -115,14 +115,12 @@ def encode_captions(
     )
 
 
-class TextCache:
+class TextCache(KeyedCache):
     """(prompt_embeds, pooled_prompt_embeds) per caption, read lazily from the shards."""
 
     def __init__(self, directory: Path, index: pa.Table) -> None:
-        columns = [index.column(c).to_pylist() for c in ("caption", "key", "shard")]
-        self.key_of = dict(zip(columns[0], columns[1], strict=True))
-        self.reader = ShardReader(directory, dict(zip(columns[1], columns[2], strict=True)))
+        super().__init__(directory, index, "caption")
 
     def embeds(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = self.key_of[caption]
-        return self.reader.get(key, "prompt_embeds"), self.reader.get(key, "pooled_prompt_embeds")
+        prompt_embeds, pooled = self.tensors(caption, "prompt_embeds", "pooled_prompt_embeds")
+        return prompt_embeds, pooled
