@@ -19,7 +19,7 @@ install: $(BIN)/sdxl-lora
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/dvc metrics show metrics/evaluate/metrics.json metrics/train/metrics.json
 
 test: install
 	$(BIN)/ruff check .
