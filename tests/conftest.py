@@ -46,8 +46,10 @@ def set_params(project: Path, overrides: dict) -> None:
 def new_project(directory: Path, overrides: dict | None = None) -> Path:
     """A fresh git + DVC repo holding this project's pipeline and params (with overrides)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, directory / name)
+    # dvc.yaml lists library code as stage dependencies (the stages themselves run the installed package)
+    shutil.copytree(ROOT / "sdxl_lib", directory / "sdxl_lib", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / ".dvc", directory / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copy(ROOT / "params.yaml", directory / "params.yaml")
     set_params(directory, overrides or {})

@@ -208,3 +208,12 @@ def test_adding_images_reencodes_only_them(tmp_path: Path) -> None:
     run(["dvc", "repro", "encode_latents", "encode_text"], project)
     assert read_json(project / "metrics/encode/latents.json") == {"encoded": 2, "reused": 20, "removed": 0}
     assert read_json(project / "metrics/encode/text.json")["encoded"] == 2
+
+
+def test_changed_library_code_reruns_its_stage(demo_project: Path, tmp_path: Path) -> None:
+    project = tmp_path / "code"
+    shutil.copytree(demo_project, project, symlinks=True)
+    with (project / "sdxl_lib/evaluate/clip_score.py").open("a") as source:
+        source.write("\n# a changed line\n")
+    status = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert set(status) == {"evaluate"}
