@@ -13,7 +13,6 @@ BUCKET_HISTOGRAM = BUCKET_METRICS / "buckets.json"
 CONTACT_SHEET = BUCKET_METRICS / "contact_sheet.png"
 LATENTS = Path("data/latents")
 TEXT = Path("data/text")
-CACHE_INDEX = "index.parquet"  # inside LATENTS and TEXT
 ENCODE_METRICS = Path("metrics/encode")  # what each encoding run encoded, reused and removed
 LORA = Path("models/lora")
 CHECKPOINTS = Path("models/checkpoints")

@@ -136,8 +136,7 @@ def encode_latents(
 class LatentCache(KeyedCache):
     """Posterior (mean, std) per sample variant, read lazily from the shards."""
 
-    def __init__(self, directory: Path, index: pa.Table) -> None:
-        super().__init__(directory, index, "variant_id")
+    ID_COLUMN = "variant_id"
 
     def posterior(self, variant_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = self.tensors(variant_id, "mean", "std")

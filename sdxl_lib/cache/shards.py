@@ -7,7 +7,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+INDEX = "index.parquet"  # beside the shards: key, shard, and each cache's own columns
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -86,21 +87,31 @@ class ShardReader:
 
 
 class KeyedCache:
-    """A cache read through its index: `id_column` value (variant id, caption) -> key -> shard."""
+    """A cache read through its index: `ID_COLUMN` value (variant id, caption) -> key -> shard."""
 
-    def __init__(self, directory: Path, index: pa.Table, id_column: str) -> None:
-        ids, keys, shards = (index.column(c).to_pylist() for c in (id_column, "key", "shard"))
+    ID_COLUMN = ""
+
+    def __init__(self, directory: Path, index: pa.Table) -> None:
+        ids, keys, shards = (index.column(c).to_pylist() for c in (self.ID_COLUMN, "key", "shard"))
         self.key_of = dict(zip(ids, keys, strict=True))
         self.reader = ShardReader(directory, dict(zip(keys, shards, strict=True)))
+
+    @classmethod
+    def open(cls: type[CacheT], directory: Path) -> CacheT:
+        """The cache in `directory`, read through the index written with its shards."""
+        return cls(directory, pq.read_table(directory / INDEX))
 
     def tensors(self, entry_id: str, *names: str) -> tuple[torch.Tensor, ...]:
         key = self.key_of[entry_id]
         return tuple(self.reader.get(key, name) for name in names)
 
 
+CacheT = TypeVar("CacheT", bound=KeyedCache)
+
+
 def cached_shards(directory: Path) -> dict[str, str]:
     """key -> shard of an existing cache (empty when there is none yet)."""
-    index = directory / "index.parquet"
+    index = directory / INDEX
     if not index.is_file():
         return {}
     table = pq.read_table(index, columns=["key", "shard"])
@@ -166,7 +177,7 @@ def build_incremental_cache(
         shard_of[key] = out.add(key, source.entry(key))
     out.flush()
     index = make_index(shard_of)
-    pq.write_table(index, staging / "index.parquet")
+    pq.write_table(index, staging / INDEX)
     # Swap the new cache in; the old one (and the parts) go only once the new one is complete.
     retired = directory.with_name(f".{directory.name}-old")
     shutil.rmtree(retired, ignore_errors=True)

@@ -118,8 +118,7 @@ def encode_captions(
 class TextCache(KeyedCache):
     """(prompt_embeds, pooled_prompt_embeds) per caption, read lazily from the shards."""
 
-    def __init__(self, directory: Path, index: pa.Table) -> None:
-        super().__init__(directory, index, "caption")
+    ID_COLUMN = "caption"
 
     def embeds(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         prompt_embeds, pooled = self.tensors(caption, "prompt_embeds", "pooled_prompt_embeds")

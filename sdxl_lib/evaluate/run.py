@@ -37,8 +37,8 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
-    latents = LatentCache(paths.LATENTS, pq.read_table(paths.LATENTS / paths.CACHE_INDEX))
-    texts = TextCache(paths.TEXT, pq.read_table(paths.TEXT / paths.CACHE_INDEX))
+    latents = LatentCache.open(paths.LATENTS)
+    texts = TextCache.open(paths.TEXT)
     scheduler = load_noise_scheduler(lock)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.shards import INDEX
 from sdxl_lib.cache.text import TextCache
 from sdxl_lib.config import Params
 from sdxl_lib.distributed import cpu_launch
@@ -39,7 +40,7 @@ def run_fingerprint(params: Params, lock: dict[str, Any]) -> str:
     """What a checkpoint must match to be resumed: train params, base model and cached inputs."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
     digest.update(json.dumps(lock["model"], sort_keys=True).encode())
-    for index in (paths.LATENTS / paths.CACHE_INDEX, paths.TEXT / paths.CACHE_INDEX, paths.PLAN):
+    for index in (paths.LATENTS / INDEX, paths.TEXT / INDEX, paths.PLAN):
         digest.update(index.read_bytes())
     return digest.hexdigest()
 
@@ -89,8 +90,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             f"train.train_batch_size is {cfg.train_batch_size} but the train split has only "
             f"{len(rows)} images; lower the batch size or add images"
         )
-    latents = LatentCache(paths.LATENTS, pq.read_table(paths.LATENTS / paths.CACHE_INDEX))
-    texts = TextCache(paths.TEXT, pq.read_table(paths.TEXT / paths.CACHE_INDEX))
+    latents = LatentCache.open(paths.LATENTS)
+    texts = TextCache.open(paths.TEXT)
     order = BatchOrder(rows, cfg.train_batch_size, cfg.seed)
     scale, shift = latent_scaling(lock)
 
