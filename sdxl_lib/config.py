@@ -175,6 +175,14 @@ class EncodeParams(Section):
     text_encoder_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     cache_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
     shard_size_mb: int = Field(512, ge=1)
+    # SimpleTuner's switches: train (and evaluate) encode latents when they use them, nothing is
+    # stored. `vae_cache_ondemand` implies `vae_cache_disable`, as SimpleTuner's quickstart says.
+    vae_cache_ondemand: bool = False
+    vae_cache_disable: bool = False
+
+    @property
+    def online_vae(self) -> bool:
+        return self.vae_cache_ondemand or self.vae_cache_disable
 
 
 class TrainParams(Section):

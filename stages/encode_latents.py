@@ -24,7 +24,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     state = process_state()
     vae = load_vae(lock, DTYPES[params.vae_dtype]).to(state.device)
     vae_identity = json.dumps([lock["vae"] or lock["model"], params.vae_dtype, params.cache_dtype])
-    rows = pq.read_table(paths.PLAN).to_pylist()
+    # With vae_cache_disable nothing is stored: the cache is emptied and train encodes online.
+    rows = [] if params.online_vae else pq.read_table(paths.PLAN).to_pylist()
     result = encode_latents(
         rows,
         vae,
@@ -36,13 +37,15 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         vae_identity,
         state,
     )
-    if result is not None:  # the main process writes the index was written with the shards; it reports
+    if result is not None:  # only the main process reports
         index, report = result
         write_json(report, paths.ENCODE_METRICS / "latents.json")
         typer.echo(
             f"encode_latents: {index.num_rows} entries in {paths.LATENTS} on {state.num_processes} "
             f"process(es): {describe(report)}"
         )
+        if params.online_vae:
+            typer.echo("encode_latents: vae_cache_disable is on: train and evaluate encode latents online")
 
 
 if __name__ == "__main__":

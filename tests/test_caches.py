@@ -12,7 +12,7 @@ from conftest import read_json
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageOps
 
-from sdxl_lib.cache.latents import LatentCache, encode_latents
+from sdxl_lib.cache.latents import LatentCache, OnlineLatents, encode_latents
 from sdxl_lib.cache.text import TextCache, encode_captions, encode_prompts
 from sdxl_lib.models.loading import load_text_encoders, load_vae
 from sdxl_lib.sources import model_path
@@ -49,6 +49,17 @@ def test_cached_latents_equal_vae_posterior_of_recorded_crop(demo_project: Path)
         mean, std = cache.posterior(row["variant_id"])
         assert mean.shape == (4, row["target_height"] // 8, row["target_width"] // 8)
         assert torch.equal(mean, posterior.mean[0]) and torch.equal(std, posterior.std[0])
+
+
+def test_online_latents_equal_the_cache(demo_project: Path) -> None:
+    """vae_cache_disable's online path gives the cached posterior bit for bit (fp32, batch 1)."""
+    lock = read_json(demo_project / "data/lock.json")
+    rows = pq.read_table(demo_project / "data/buckets/plan.parquet").to_pylist()
+    cache = LatentCache.open(demo_project / "data/latents")
+    online = OnlineLatents(rows, load_vae(lock), demo_project)
+    for row in rows[::5]:
+        cached, computed = cache.posterior(row["variant_id"]), online.posterior(row["variant_id"])
+        assert all(torch.equal(a, b) for a, b in zip(cached, computed, strict=True)), row["variant_id"]
 
 
 def test_batched_encoding_matches_single(demo_project: Path, tmp_path: Path) -> None:

@@ -122,6 +122,23 @@ def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path
     assert "eval_loss" in json.dumps(shown)
 
 
+def test_vae_cache_disable_trains_the_same_lora_as_the_cache(demo_project: Path, tmp_path: Path) -> None:
+    project = tmp_path / "online"
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(project, {"train.max_train_steps": 6, "train.validate_at_end": False})
+    run(["dvc", "repro", "train"], project)
+    cached = load_file(project / "models/lora" / LORA_WEIGHTS)
+    set_params(project, {"encode.vae_cache_disable": True})
+    result = run(["dvc", "repro", "train"], project)
+    assert "train and evaluate encode latents online" in result.stdout
+    report = read_json(project / "metrics/encode/latents.json")
+    assert report["encoded"] == 0 and report["removed"] > 0
+    assert not list((project / "data/latents").glob("*.safetensors"))
+    online = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert online.keys() == cached.keys()
+    assert all(torch.equal(online[k], cached[k]) for k in online)
+
+
 def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path: Path) -> None:
     """The settings a real GPU run uses (bf16 autocast, gradient checkpointing, accumulation) train."""
     project = tmp_path / "bf16"

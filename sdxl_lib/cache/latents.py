@@ -6,15 +6,19 @@ import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import torch
 from accelerate import PartialState
 from diffusers import AutoencoderKL
 
+from sdxl_lib import paths
 from sdxl_lib.cache.shards import DTYPES, KeyedCache, build_incremental_cache, cached_shards
+from sdxl_lib.config import EncodeParams
 from sdxl_lib.data.images import open_rgb, resize_and_crop, to_tensor
 from sdxl_lib.errors import UserError
+from sdxl_lib.models.loading import load_vae
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -68,6 +72,26 @@ def batches_by_bucket(rows: list[dict], batch_size: int) -> list[list[dict]]:
     ]
 
 
+def load_pixels(rows: list[dict], root: Path) -> torch.Tensor:
+    """The planned crops of same-bucket rows, as one batch."""
+    return torch.stack([planned_pixels(row, root) for row in rows])
+
+
+@torch.no_grad()
+def encode_posteriors(
+    vae: AutoencoderKL, rows: list[dict], pixels: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, std) of each row's pixels, in one VAE call; NaN/inf is an error naming the image."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    for row, mean, std in zip(rows, posterior.mean, posterior.std, strict=True):
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise UserError(
+                f"{row['path']}: the VAE produced NaN/inf latents; use encode.vae_dtype: fp32 "
+                "or model.pretrained_vae_model_name_or_path: madebyollin/sdxl-vae-fp16-fix"
+            )
+    return list(zip(posterior.mean, posterior.std, strict=True))
+
+
 def encode_latents(
     rows: list[dict],
     vae: AutoencoderKL,
@@ -90,17 +114,11 @@ def encode_latents(
         [(keys[r["variant_id"]], r) for r in batch] for batch in batches_by_bucket(missing, batch_size)
     ]
 
-    @torch.no_grad()
-    def encode(batch: list[dict]) -> list[dict[str, torch.Tensor]]:
-        pixels = torch.stack([planned_pixels(r, root) for r in batch]).to(vae.device, vae.dtype)
-        posterior = vae.encode(pixels).latent_dist
-        for row, mean, std in zip(batch, posterior.mean, posterior.std, strict=True):
-            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-                raise UserError(
-                    f"{row['path']}: the VAE produced NaN/inf latents; use encode.vae_dtype: fp32 "
-                    "or model.pretrained_vae_model_name_or_path: madebyollin/sdxl-vae-fp16-fix"
-                )
-        return [{"mean": m, "std": s} for m, s in zip(posterior.mean, posterior.std, strict=True)]
+    def prepare(batch: list[dict]) -> tuple[list[dict], torch.Tensor]:
+        return batch, load_pixels(batch, root)
+
+    def encode(prepared: tuple[list[dict], torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [{"mean": m, "std": s} for m, s in encode_posteriors(vae, *prepared)]
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -124,6 +142,7 @@ def encode_latents(
         "latents",
         list(keys.values()),
         batches,
+        prepare,
         encode,
         make_index,
         DTYPES[cache_dtype],
@@ -141,3 +160,30 @@ class LatentCache(KeyedCache):
     def posterior(self, variant_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         mean, std = self.tensors(variant_id, "mean", "std")
         return mean, std
+
+
+class OnlineLatents:
+    """`vae_cache_disable`: the posterior the cache would hold, computed from the image when used.
+
+    Each image is encoded alone, as the cache does with `vae_batch_size: 1`, so with an fp32 cache
+    both paths give bit-identical latents (CPU kernels differ in the last bits between batch sizes).
+    """
+
+    def __init__(self, rows: list[dict], vae: AutoencoderKL, root: Path) -> None:
+        self.rows = {row["variant_id"]: row for row in rows}
+        self.vae, self.root = vae, root
+
+    def posterior(self, variant_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.rows[variant_id]]
+        ((mean, std),) = encode_posteriors(self.vae, rows, load_pixels(rows, self.root))
+        return mean.cpu(), std.cpu()
+
+
+def open_latents(
+    params: EncodeParams, lock: dict[str, Any], rows: list[dict], device: torch.device | str
+) -> LatentCache | OnlineLatents:
+    """Where training and evaluation get each sample's posterior: the cache, or the VAE itself."""
+    if params.online_vae:
+        vae = load_vae(lock, DTYPES[params.vae_dtype]).to(device)
+        return OnlineLatents(rows, vae, Path("."))
+    return LatentCache.open(paths.LATENTS)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 INDEX = "index.parquet"  # beside the shards: key, shard, and each cache's own columns
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+Layout = tuple[torch.dtype, tuple[int, ...], int, int]  # a stored tensor: dtype, shape, file offset, bytes
 
 
 class ShardWriter:
@@ -57,33 +60,65 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Reads `{key}.{name}` from the shard the index names, opening each shard once, lazily."""
+    """Reads `{key}.{name}` from the shard the index names, parsing each shard's header once.
+
+    Tensors are read with plain positioned reads into fresh buffers, not memory-mapped: a mapped
+    shard's touched pages count towards the process's resident memory until it is closed, which
+    made the train stage's RSS grow with every sample read (BENCHMARKS.md). The OS page cache
+    still serves repeated reads.
+    """
 
     def __init__(self, directory: Path, shard_of: dict[str, str]) -> None:
         self.directory = directory
         self.shard_of = shard_of
-        self._handles: dict[str, Any] = {}
-        self._names: dict[str, dict[str, list[str]]] = {}  # shard -> key -> tensor names
+        # shard -> stored name -> layout, plus each shard's tensor names. Kept flat, with shared
+        # shape tuples, as this is the only per-sample memory a reader holds.
+        self._layouts: dict[str, dict[str, Layout]] = {}
+        self._names: dict[str, list[str]] = {}
+        self._shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
 
-    def _handle(self, key: str) -> Any:
+    def _shard(self, key: str) -> tuple[Path, dict[str, Layout]]:
         shard = self.shard_of[key]
-        if shard not in self._handles:
-            handle = safe_open(str(self.directory / shard), framework="pt")
-            self._handles[shard] = handle
-            names: dict[str, list[str]] = {}
-            for stored in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                entry_key, name = stored.rsplit(".", 1)
-                names.setdefault(entry_key, []).append(name)
-            self._names[shard] = names
-        return self._handles[shard]
+        if shard not in self._layouts:
+            with (self.directory / shard).open("rb") as file:
+                header_size = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(header_size))
+            header.pop("__metadata__", None)
+            layouts = {}
+            for stored, info in header.items():
+                begin, end = info["data_offsets"]
+                shape = self._shapes.setdefault(tuple(info["shape"]), tuple(info["shape"]))
+                layouts[stored] = (
+                    SAFETENSORS_DTYPES[info["dtype"]],
+                    shape,
+                    8 + header_size + begin,
+                    end - begin,
+                )
+            self._layouts[shard] = layouts
+            self._names[shard] = sorted({stored.split(".", 1)[1] for stored in header})
+        return self.directory / shard, self._layouts[shard]
+
+    @staticmethod
+    def _read(path: Path, layout: Layout) -> torch.Tensor:
+        dtype, shape, offset, length = layout
+        tensor = torch.empty(shape, dtype=dtype)
+        with path.open("rb", buffering=0) as file:
+            file.seek(offset)
+            if file.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != length:
+                raise OSError(f"{path}: truncated shard; delete the cache folder and rerun the stage")
+        return tensor
 
     def get(self, key: str, name: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(f"{key}.{name}")
+        path, layouts = self._shard(key)
+        return self._read(path, layouts[f"{key}.{name}"])
 
     def entry(self, key: str) -> dict[str, torch.Tensor]:
         """All tensors stored for `key`, by name."""
-        handle = self._handle(key)
-        return {name: handle.get_tensor(f"{key}.{name}") for name in self._names[self.shard_of[key]][key]}
+        path, layouts = self._shard(key)
+        names = self._names[self.shard_of[key]]
+        return {
+            name: self._read(path, layouts[f"{key}.{name}"]) for name in names if f"{key}.{name}" in layouts
+        }
 
 
 class KeyedCache:
@@ -107,6 +142,8 @@ class KeyedCache:
 
 
 CacheT = TypeVar("CacheT", bound=KeyedCache)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def cached_shards(directory: Path) -> dict[str, str]:
@@ -118,12 +155,28 @@ def cached_shards(directory: Path) -> dict[str, str]:
     return dict(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True))
 
 
+def prefetched(function: Callable[[T], R], items: list[T], depth: int = 0) -> Iterator[R]:
+    """`function(item)` for each item, in order, computed up to `depth` items ahead on threads
+    (default: one per core). Image decoding and resizing release the GIL, so they overlap the
+    model's work; the bounded lookahead keeps memory flat however many items there are."""
+    depth = depth or os.cpu_count() or 1
+    with ThreadPoolExecutor(depth) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def build_incremental_cache(
     directory: Path,
     prefix: str,
     needed: list[str],
     batches: list[list[tuple[str, Any]]],
-    encode: Callable[[list[Any]], list[dict[str, torch.Tensor]]],
+    prepare: Callable[[list[Any]], Any],
+    encode: Callable[[Any], list[dict[str, torch.Tensor]]],
     make_index: Callable[[dict[str, str]], pa.Table],
     dtype: torch.dtype,
     max_bytes: int,
@@ -133,6 +186,7 @@ def build_incremental_cache(
     """Bring the cache in `directory` to exactly the `needed` keys, encoding only `batches`.
 
     `batches` holds the (key, item) pairs missing from the existing cache, already batched.
+    `prepare` (reading images, say) runs on worker threads a few batches ahead of `encode`.
     Batch i is encoded by process i mod N, so each tensor is computed in the same batch whatever
     the number of processes; each process writes a part, and the main process merges the parts
     and the reused entries in one canonical order: the output is byte-identical for any N.
@@ -150,11 +204,11 @@ def build_incremental_cache(
     with tqdm(
         total=sum(len(batches[i]) for i in mine), desc=desc, unit="item", disable=not state.is_main_process
     ) as progress:
-        for i in mine:
-            keys, items = zip(*batches[i], strict=True)
-            for key, tensors in zip(keys, encode(list(items)), strict=True):
+        prepared = prefetched(lambda i: prepare([item for _, item in batches[i]]), mine)
+        for i, inputs in zip(mine, prepared, strict=True):
+            for (key, _), tensors in zip(batches[i], encode(inputs), strict=True):
                 part_shard[key] = writer.add(key, tensors)
-            progress.update(len(items))
+            progress.update(len(batches[i]))
     writer.flush()
     (parts / f"rank{state.process_index}" / "done.json").write_text(json.dumps(part_shard))
     state.wait_for_everyone()

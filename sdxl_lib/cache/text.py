@@ -106,6 +106,7 @@ def encode_captions(
         "text",
         list(keys.values()),
         batches,
+        list,  # nothing to prepare: tokenizing is part of encoding
         encode,
         make_index,
         DTYPES[cache_dtype],

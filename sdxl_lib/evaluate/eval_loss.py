@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.latents import LatentCache, OnlineLatents
 from sdxl_lib.cache.text import TextCache
 from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target
 
@@ -23,7 +23,7 @@ def eval_loss_by_timestep(
     unet: UNet2DConditionModel,
     scheduler: DDPMScheduler,
     rows: list[dict],
-    latents: LatentCache,
+    latents: LatentCache | OnlineLatents,
     texts: TextCache,
     scaling: tuple[float, float],
     timesteps: torch.Tensor,

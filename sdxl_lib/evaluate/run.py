@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sdxl_lib import paths
-from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.latents import open_latents
 from sdxl_lib.cache.text import TextCache
 from sdxl_lib.config import Params
 from sdxl_lib.errors import UserError
@@ -37,7 +37,7 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
-    latents = LatentCache.open(paths.LATENTS)
+    latents = open_latents(params.encode, lock, rows, "cpu")
     texts = TextCache.open(paths.TEXT)
     scheduler = load_noise_scheduler(lock)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)

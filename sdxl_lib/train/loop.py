@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sdxl_lib import paths
-from sdxl_lib.cache.latents import LatentCache
+from sdxl_lib.cache.latents import LatentCache, OnlineLatents, open_latents
 from sdxl_lib.cache.shards import INDEX
 from sdxl_lib.cache.text import TextCache
 from sdxl_lib.config import Params
@@ -39,6 +39,7 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def run_fingerprint(params: Params, lock: dict[str, Any]) -> str:
     """What a checkpoint must match to be resumed: train params, base model and cached inputs."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
+    digest.update(params.encode.model_dump_json().encode())
     digest.update(json.dumps(lock["model"], sort_keys=True).encode())
     for index in (paths.LATENTS / INDEX, paths.TEXT / INDEX, paths.PLAN):
         digest.update(index.read_bytes())
@@ -71,6 +72,27 @@ def save_checkpoint(
         shutil.rmtree(old)
 
 
+def batch_inputs(
+    batch: list[dict],
+    latents: LatentCache | OnlineLatents,
+    texts: TextCache,
+    generator: torch.Generator,
+    scaling: tuple[float, float],
+) -> dict[str, torch.Tensor]:
+    """A batch's UNet inputs on the CPU: a fresh draw from each cached posterior, scaled as the VAE
+    says, with its text conditioning and SDXL time ids."""
+    scale, shift = scaling
+    posteriors = [latents.posterior(row["variant_id"]) for row in batch]
+    model_input = torch.stack([sample_posterior(mean, std, generator) for mean, std in posteriors])
+    embeds = [texts.embeds(row["caption"]) for row in batch]
+    return {
+        "model_input": (model_input - shift) * scale,
+        "prompt_embeds": torch.stack([e[0] for e in embeds]),
+        "pooled_prompt_embeds": torch.stack([e[1] for e in embeds]),
+        "time_ids": torch.stack([time_ids(row) for row in batch]),
+    }
+
+
 def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     """Train the LoRA; returns a summary on the main process and None on the others."""
     cfg = params.train
@@ -81,7 +103,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     )
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    # Data: the cached latents and text embeds of the train split, read lazily from shards.
+    # Data: the cached latents (or the VAE, with vae_cache_disable) and text embeds of the train
+    # split, read lazily from shards.
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "train"]
     if not any(r["probability"] > 0 for r in rows):
         raise UserError("every dataset has probability 0: raise bucket probability for at least one")
@@ -90,10 +113,10 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             f"train.train_batch_size is {cfg.train_batch_size} but the train split has only "
             f"{len(rows)} images; lower the batch size or add images"
         )
-    latents = LatentCache.open(paths.LATENTS)
+    latents = open_latents(params.encode, lock, rows, accelerator.device)
     texts = TextCache.open(paths.TEXT)
     order = BatchOrder(rows, cfg.train_batch_size, cfg.seed)
-    scale, shift = latent_scaling(lock)
+    scaling = latent_scaling(lock)
 
     # Model: frozen UNet in the compute dtype, LoRA weights in fp32.
     noise_scheduler = load_noise_scheduler(lock)
@@ -142,6 +165,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     elif accelerator.is_main_process:
         shutil.rmtree(paths.CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(paths.TRAIN_METRICS, ignore_errors=True)
+        paths.CHECKPOINTS.mkdir(parents=True)  # a DVC output even when the run is too short for one
     live = (
         Live(str(paths.TRAIN_METRICS), dvcyaml=None, save_dvc_exp=False, resume=start_step > 0)
         if accelerator.is_main_process
@@ -168,14 +192,11 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             generator = torch.Generator().manual_seed(derived_seed(cfg.seed, position, rank))
             torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
             batch = order[position * world + rank]
-            model_input = torch.stack(
-                [sample_posterior(*latents.posterior(r["variant_id"]), generator) for r in batch]
+            inputs = batch_inputs(batch, latents, texts, generator, scaling)
+            model_input, prompt_embeds, pooled, add_time_ids = (
+                inputs[name].to(accelerator.device)
+                for name in ("model_input", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
             )
-            model_input = ((model_input - shift) * scale).to(accelerator.device)
-            embeds = [texts.embeds(r["caption"]) for r in batch]
-            prompt_embeds = torch.stack([e[0] for e in embeds]).to(accelerator.device)
-            pooled = torch.stack([e[1] for e in embeds]).to(accelerator.device)
-            add_time_ids = torch.stack([time_ids(r) for r in batch]).to(accelerator.device)
             noise = torch.randn(model_input.shape, generator=generator).to(accelerator.device)
             timesteps = torch.randint(
                 0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator
@@ -229,6 +250,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         final_unet = accelerator.unwrap_model(unet)
         shutil.rmtree(paths.LORA, ignore_errors=True)
         save_unet_lora(final_unet, paths.LORA)
+        paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)  # a DVC output, even if left empty
         if cfg.validate_at_end:
             pipeline = load_pipeline(lock, unet=final_unet.to(torch.float32).eval())
             images = generate_validation_images(pipeline, params.validation)
