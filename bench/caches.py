@@ -170,7 +170,8 @@ def read_epoch(folder: Path, count: int) -> None:
     peak_anon = start_anon
     start = time.perf_counter()
     for index in range(count // 4):
-        inputs = batch_inputs(order[index], latents, texts, generator, (0.13025, 0.0))
+        batch = order[index]
+        inputs = batch_inputs(batch, [generator] * len(batch), latents, texts, (0.13025, 0.0))
         assert inputs["model_input"].shape == (4, 4, 128, 128)
         if index % 25 == 0:
             peak_anon = max(peak_anon, memory_mb()[1])

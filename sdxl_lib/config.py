@@ -186,10 +186,17 @@ class EncodeParams(Section):
 
 
 class TrainParams(Section):
+    # LoRA (peft). `lora_target` presets are listed in sdxl_lib/train/lora.py; an explicit
+    # `lora_target_modules` list replaces the preset.
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = Field(None, gt=0)  # None means = lora_rank, as in SimpleTuner
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    lora_target: Literal["attention", "attention_mlp", "all"] = "attention"
+    lora_target_modules: list[str] | None = None
+    use_dora: bool = False
+    lora_init_type: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    # Optimisation
+    optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor", "adamw_schedulefree"] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -199,12 +206,34 @@ class TrainParams(Section):
         "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_num_cycles: int = Field(1, ge=1)  # cosine_with_restarts
+    lr_power: float = Field(1.0, gt=0)  # polynomial
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_train_steps: int = Field(1000, ge=1)
+    max_train_steps: int | None = Field(None, ge=1)  # wins over num_train_epochs when set
+    num_train_epochs: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
+    # Loss and noise
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the scheduler's own
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    noise_offset_probability: float = Field(0.25, ge=0, le=1)
+    input_perturbation: float = Field(0.0, ge=0)
+    rescale_betas_zero_snr: bool = False
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: float = Field(1.0, gt=0)
+    timestep_bias_begin: int = Field(0, ge=0)
+    timestep_bias_end: int = Field(1000, ge=1)
+    timestep_bias_portion: float = Field(0.25, gt=0, le=1)
+    loss_type: Literal["l2", "huber"] = "l2"
+    huber_c: float = Field(0.1, gt=0)
+    caption_dropout_probability: float = Field(0.0, ge=0, le=1)
+    # EMA of the LoRA weights, saved beside the LoRA
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0, lt=1)
+    # Checkpoints and the rest
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
     validate_at_end: bool = True
@@ -215,6 +244,35 @@ class TrainParams(Section):
     def _unquoted_no(cls, value: Any) -> Any:
         """YAML reads an unquoted `no` (as `dvc exp run -S` writes it) as false."""
         return "no" if value is False else value
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        """Noise-schedule settings that training, evaluation and sampling must all share."""
+        overrides: dict[str, Any] = {}
+        if self.prediction_type:
+            overrides["prediction_type"] = self.prediction_type
+        if self.rescale_betas_zero_snr:  # sampling must then start from the last timestep
+            overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        return overrides
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.timestep_bias_strategy == "range" and self.timestep_bias_begin >= self.timestep_bias_end:
+            raise ValueError(
+                f"timestep_bias_begin ({self.timestep_bias_begin}) must be below "
+                f"timestep_bias_end ({self.timestep_bias_end}) for timestep_bias_strategy: range"
+            )
+        if self.use_dora and self.lora_init_type in ("pissa", "olora"):
+            raise ValueError(
+                f"lora_init_type {self.lora_init_type} cannot be exported for the original base model "
+                "with use_dora (the magnitudes depend on the modified base): use lora_init_type default"
+            )
+        if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            raise ValueError(
+                "optimizer adamw_schedulefree schedules itself: set lr_scheduler: constant "
+                "(its warm-up comes from lr_warmup_steps)"
+            )
+        return self
 
 
 class EvaluateParams(Section):

@@ -161,15 +161,28 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
 
 
-def test_train_under_torchrun_with_two_processes(demo_project: Path, tmp_path: Path) -> None:
-    """`torchrun` / `accelerate launch` start a real distributed (gloo) run; the main process writes."""
+def test_two_process_training_matches_one_process_with_the_doubled_batch(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """`torchrun` / `accelerate launch` start a real distributed (gloo) run; the main process writes,
+    and 2 processes x batch 2 train what 1 process x batch 4 does (to float tolerance: the gradient
+    is summed across processes in a different order)."""
     project = tmp_path / "ddp"
     shutil.copytree(demo_project, project, symlinks=True)
+    set_params(
+        project, {"train.max_train_steps": 3, "train.validate_at_end": False, "train.train_batch_size": 4}
+    )
+    run(["sdxl-lora", "train"], project)
+    single = load_file(project / "models/lora" / LORA_WEIGHTS)
     shutil.rmtree(project / "models")
-    set_params(project, {"train.max_train_steps": 3, "train.validate_at_end": False})
+    set_params(project, {"train.train_batch_size": 2})
     result = run(["torchrun", "--nproc_per_node", "2", "-m", "stages.train"], project)
     assert result.stdout.count("train: 3 steps on 2 process(es)") == 1
-    assert (project / "models/lora" / LORA_WEIGHTS).is_file()
+    double = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert double.keys() == single.keys()
+    assert any(not torch.equal(double[k], torch.zeros_like(double[k])) for k in double)
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], atol=1e-5, rtol=1e-4)
 
 
 def test_dvc_plots_show_renders_buckets_and_contact_sheet(demo_project: Path, tmp_path: Path) -> None:

@@ -39,11 +39,11 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
     latents = open_latents(params.encode, lock, rows, "cpu")
     texts = TextCache.open(paths.TEXT)
-    scheduler = load_noise_scheduler(lock)
+    scheduler = load_noise_scheduler(lock, **params.train.scheduler_overrides)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
     prompts = params.validation.validation_prompts
-    pipeline = load_pipeline(lock)
+    pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides)
 
     results: dict[str, torch.Tensor] = {}
     for name in ("base", "lora"):

@@ -41,18 +41,24 @@ def load_unet(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> UNet2
     return UNet2DConditionModel.from_pretrained(base_dir(lock), subfolder="unet", dtype=dtype, **SAFE)
 
 
-def load_noise_scheduler(lock: dict[str, Any]) -> DDPMScheduler:
-    """The training-time view of the model's schedule (same betas, DDPM's add_noise)."""
-    return DDPMScheduler.from_pretrained(base_dir(lock), subfolder="scheduler")
+def load_noise_scheduler(lock: dict[str, Any], **overrides: Any) -> DDPMScheduler:
+    """The training-time view of the model's schedule (same betas, DDPM's add_noise); `overrides`
+    are config values such as `prediction_type` or `rescale_betas_zero_snr`."""
+    return DDPMScheduler.from_pretrained(base_dir(lock), subfolder="scheduler", **overrides)
 
 
 def load_pipeline(
-    lock: dict[str, Any], dtype: torch.dtype = torch.float32, **components: Any
+    lock: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+    scheduler_overrides: dict[str, Any] | None = None,
+    **components: Any,
 ) -> StableDiffusionXLPipeline:
     """The full SDXL pipeline of the pinned model; `components` replace parts (e.g. a trained UNet)."""
     components.setdefault("vae", load_vae(lock, dtype))
     pipeline = StableDiffusionXLPipeline.from_pretrained(base_dir(lock), dtype=dtype, **components, **SAFE)
     pipeline.set_progress_bar_config(disable=True)
+    if scheduler_overrides:  # sample as the LoRA was trained (v-prediction, zero-SNR betas)
+        pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **scheduler_overrides)
     return pipeline
 
 

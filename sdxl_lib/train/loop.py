@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from dvclive import Live
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -25,13 +26,27 @@ from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents, open_latents
 from sdxl_lib.cache.shards import INDEX
 from sdxl_lib.cache.text import TextCache
-from sdxl_lib.config import Params
+from sdxl_lib.config import Params, TrainParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
 from sdxl_lib.export import save_unet_lora
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline, load_unet
-from sdxl_lib.train.utils import BatchOrder, derived_seed, sample_posterior, time_ids, training_target
+from sdxl_lib.train.lora import lora_config
+from sdxl_lib.train.optimizers import make_optimizer, set_optimizer_mode
+from sdxl_lib.train.utils import (
+    BatchOrder,
+    derived_seed,
+    draw_noise,
+    draw_timestep,
+    per_sample_loss,
+    sample_posterior,
+    snr,
+    snr_loss_weights,
+    time_ids,
+    timestep_weights,
+    training_target,
+)
 
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,12 +73,20 @@ def latest_checkpoint(fingerprint: str) -> Path | None:
 
 
 def save_checkpoint(
-    unet: torch.nn.Module, optimizer: Any, lr_scheduler: Any, step: int, fingerprint: str, keep: int
+    unet: torch.nn.Module,
+    optimizer: Any,
+    lr_scheduler: Any,
+    ema: list[torch.Tensor] | None,
+    step: int,
+    fingerprint: str,
+    keep: int,
 ) -> None:
     """Write into a temporary folder and rename, so a checkpoint on disk is never half written."""
     paths.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=paths.CHECKPOINTS, prefix=".tmp-"))
     save_file(get_peft_model_state_dict(unet), str(tmp / "lora.safetensors"))
+    if ema is not None:
+        save_file({str(i): t.cpu() for i, t in enumerate(ema)}, str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
@@ -74,23 +97,36 @@ def save_checkpoint(
 
 def batch_inputs(
     batch: list[dict],
+    generators: list[torch.Generator],
     latents: LatentCache | OnlineLatents,
     texts: TextCache,
-    generator: torch.Generator,
     scaling: tuple[float, float],
+    caption_dropout_probability: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """A batch's UNet inputs on the CPU: a fresh draw from each cached posterior, scaled as the VAE
-    says, with its text conditioning and SDXL time ids."""
+    """A batch's clean UNet inputs on the CPU: a fresh draw from each cached posterior, scaled as the
+    VAE says, with its text conditioning (the empty caption's when dropped) and SDXL time ids. Each
+    sample's random draws come from its own generator."""
     scale, shift = scaling
-    posteriors = [latents.posterior(row["variant_id"]) for row in batch]
-    model_input = torch.stack([sample_posterior(mean, std, generator) for mean, std in posteriors])
-    embeds = [texts.embeds(row["caption"]) for row in batch]
+    model_input, captions = [], []
+    for row, generator in zip(batch, generators, strict=True):
+        model_input.append(sample_posterior(*latents.posterior(row["variant_id"]), generator))
+        dropped = torch.rand((), generator=generator).item() < caption_dropout_probability
+        captions.append("" if dropped else row["caption"])
+    embeds = [texts.embeds(caption) for caption in captions]
     return {
-        "model_input": (model_input - shift) * scale,
+        "model_input": (torch.stack(model_input) - shift) * scale,
         "prompt_embeds": torch.stack([e[0] for e in embeds]),
         "pooled_prompt_embeds": torch.stack([e[1] for e in embeds]),
         "time_ids": torch.stack([time_ids(row) for row in batch]),
     }
+
+
+def total_steps(cfg: TrainParams, order: BatchOrder) -> int:
+    """`max_train_steps`, or `num_train_epochs` epochs of optimizer steps (each one takes
+    `gradient_accumulation_steps` batches per process)."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    return cfg.num_train_epochs * math.ceil(order.epoch_length(0) / cfg.gradient_accumulation_steps)
 
 
 def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
@@ -102,9 +138,12 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         cpu=cpu_launch(),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
+    dtype = WEIGHT_DTYPES[cfg.mixed_precision]
 
     # Data: the cached latents (or the VAE, with vae_cache_disable) and text embeds of the train
-    # split, read lazily from shards.
+    # split, read lazily from shards. Each step's global batch of train_batch_size x processes comes
+    # from one bucket; process r takes every r-th sample, so N processes see what one process with
+    # N times the batch would.
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "train"]
     if not any(r["probability"] > 0 for r in rows):
         raise UserError("every dataset has probability 0: raise bucket probability for at least one")
@@ -115,40 +154,45 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         )
     latents = open_latents(params.encode, lock, rows, accelerator.device)
     texts = TextCache.open(paths.TEXT)
-    order = BatchOrder(rows, cfg.train_batch_size, cfg.seed)
+    order = BatchOrder(rows, cfg.train_batch_size * world, cfg.seed)
+    max_steps = total_steps(cfg, order)
     scaling = latent_scaling(lock)
 
     # Model: frozen UNet in the compute dtype, LoRA weights in fp32.
-    noise_scheduler = load_noise_scheduler(lock)
-    unet = load_unet(lock, WEIGHT_DTYPES[cfg.mixed_precision]).requires_grad_(False)
-    torch.manual_seed(cfg.seed)  # LoRA init
-    unet.add_adapter(
-        LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-            lora_dropout=cfg.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=cfg.lora_target_modules,
-        )
+    noise_scheduler = load_noise_scheduler(lock, **cfg.scheduler_overrides)
+    prediction_type = noise_scheduler.config.prediction_type
+    probabilities = timestep_weights(
+        noise_scheduler.config.num_train_timesteps,
+        cfg.timestep_bias_strategy,
+        cfg.timestep_bias_multiplier,
+        cfg.timestep_bias_begin,
+        cfg.timestep_bias_end,
+        cfg.timestep_bias_portion,
     )
+    unet = load_unet(lock, dtype).requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # LoRA init
+    unet.add_adapter(lora_config(cfg))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
+    # PiSSA/OLoRA start from the base weights; the export needs that start to undo it.
+    initial = (
+        {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
+        if cfg.lora_init_type in ("pissa", "olora")
+        else None
+    )
+    ema = [p.detach().clone() for p in lora_params] if cfg.use_ema else None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(
-        lora_params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = make_optimizer(cfg, lora_params, accelerator.device)
     # Stepped once per optimizer step by hand (not prepared), so its count is the step count.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
         num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=cfg.max_train_steps,
+        num_training_steps=max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
@@ -160,6 +204,9 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(checkpoint / "lora.safetensors"))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=True))
+        if ema is not None:
+            saved = load_file(checkpoint / "ema.safetensors")
+            ema = [saved[str(i)].to(accelerator.device) for i in range(len(ema))]
         start_step = json.loads((checkpoint / "state.json").read_text())["step"]
         accelerator.print(f"resuming from {checkpoint} (step {start_step})")
     elif accelerator.is_main_process:
@@ -175,44 +222,61 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         live.step = start_step
 
     unet.train()
+    set_optimizer_mode(optimizer, training=True)
     loss_value = float("nan")
     progress = tqdm(
-        range(start_step, cfg.max_train_steps),
+        range(start_step, max_steps),
         desc="train",
         unit="step",
         initial=start_step,
-        total=cfg.max_train_steps,
+        total=max_steps,
         disable=not accelerator.is_main_process,
     )
     for step in progress:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.gradient_accumulation_steps):
-            # Every random draw is derived from (seed, position, process), never from RNG history.
+            # Every random draw is derived from (seed, position, sample), never from RNG history,
+            # so resuming at any step is exact and N processes draw what one process would.
             position = step * cfg.gradient_accumulation_steps + micro
-            generator = torch.Generator().manual_seed(derived_seed(cfg.seed, position, rank))
+            global_batch, samples = order[position], range(rank, cfg.train_batch_size * world, world)
+            batch = [global_batch[j] for j in samples]
+            generators = [torch.Generator().manual_seed(derived_seed(cfg.seed, position, j)) for j in samples]
             torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
-            batch = order[position * world + rank]
-            inputs = batch_inputs(batch, latents, texts, generator, scaling)
-            model_input, prompt_embeds, pooled, add_time_ids = (
-                inputs[name].to(accelerator.device)
-                for name in ("model_input", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+            inputs = batch_inputs(batch, generators, latents, texts, scaling, cfg.caption_dropout_probability)
+            clean = inputs["model_input"]
+            noise = torch.stack(
+                [
+                    draw_noise(clean.shape[1:], g, cfg.noise_offset, cfg.noise_offset_probability)
+                    for g in generators
+                ]
             )
-            noise = torch.randn(model_input.shape, generator=generator).to(accelerator.device)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=generator
-            ).to(accelerator.device)
-            noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
-            target = training_target(noise_scheduler, model_input, noise, timesteps)
+            timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
+            perturbation = (
+                torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
+                if cfg.input_perturbation
+                else torch.zeros_like(noise)
+            )
+            noisy = noise_scheduler.add_noise(clean, noise + cfg.input_perturbation * perturbation, timesteps)
+            target = training_target(noise_scheduler, clean, noise, timesteps)
+            weights = (
+                snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
+                if cfg.snr_gamma
+                else torch.ones(len(batch))
+            )
+            device = accelerator.device
 
             with accelerator.accumulate(unet), accelerator.autocast():
-                dtype = WEIGHT_DTYPES[cfg.mixed_precision]
                 prediction = unet(
-                    noisy.to(dtype),
-                    timesteps,
-                    prompt_embeds.to(dtype),
-                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": add_time_ids.to(dtype)},
+                    noisy.to(device, dtype),
+                    timesteps.to(device),
+                    inputs["prompt_embeds"].to(device, dtype),
+                    added_cond_kwargs={
+                        "text_embeds": inputs["pooled_prompt_embeds"].to(device, dtype),
+                        "time_ids": inputs["time_ids"].to(device, dtype),
+                    },
                 ).sample
-                loss = F.mse_loss(prediction.float(), target.float())
+                per_sample = per_sample_loss(prediction, target.to(device), cfg.loss_type, cfg.huber_c)
+                loss = (per_sample * weights.to(device)).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
@@ -220,39 +284,48 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / cfg.gradient_accumulation_steps
         lr_scheduler.step()
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in lora_params], 1 - cfg.ema_decay)
 
         loss_value = accelerator.reduce(step_loss, reduction="mean").item()
-        if not torch.isfinite(torch.tensor(loss_value)):
+        if not math.isfinite(loss_value):
             raise UserError(
                 f"loss became {loss_value} at step {step + 1}; lower train.learning_rate or use "
                 "mixed_precision: bf16/no (the last good checkpoint is kept)"
             )
-        progress.set_postfix(loss=f"{loss_value:.4f}")
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if live is not None:
             live.log_metric("train_loss", loss_value)
             live.log_metric("lr", lr_scheduler.get_last_lr()[0])
             live.next_step()
         done = step + 1
-        if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+        if done % cfg.checkpointing_steps == 0 and done < max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(
                     accelerator.unwrap_model(unet),
                     optimizer,
                     lr_scheduler,
+                    ema,
                     done,
                     fingerprint,
                     cfg.checkpoints_total_limit,
                 )
 
     accelerator.wait_for_everyone()
+    set_optimizer_mode(optimizer, training=False)  # schedule-free: export the averaged weights
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         shutil.rmtree(paths.LORA, ignore_errors=True)
-        save_unet_lora(final_unet, paths.LORA)
+        save_unet_lora(final_unet, paths.LORA, initial)
+        if ema is not None:
+            with swapped_in(lora_params, ema):
+                save_unet_lora(final_unet, paths.LORA / "ema", initial)
         paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)  # a DVC output, even if left empty
         if cfg.validate_at_end:
-            pipeline = load_pipeline(lock, unet=final_unet.to(torch.float32).eval())
+            pipeline = load_pipeline(
+                lock, scheduler_overrides=cfg.scheduler_overrides, unet=final_unet.float().eval()
+            )
             images = generate_validation_images(pipeline, params.validation)
             save_images(images, paths.VALIDATION_IMAGES, "validation")
         assert live is not None
@@ -261,4 +334,17 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    return {"final_train_loss": loss_value, "steps": cfg.max_train_steps, "processes": world}
+    return {"final_train_loss": loss_value, "steps": max_steps, "processes": world}
+
+
+@contextmanager
+def swapped_in(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> Iterator[None]:
+    """Temporarily give `params` other values (the EMA weights, to save them)."""
+    kept = [p.data for p in params]
+    for p, value in zip(params, values, strict=True):
+        p.data = value
+    try:
+        yield
+    finally:
+        for p, value in zip(params, kept, strict=True):
+            p.data = value

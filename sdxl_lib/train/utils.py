@@ -35,6 +35,23 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def draw_noise(
+    shape: tuple[int, ...], generator: torch.Generator, offset: float, offset_probability: float
+) -> torch.Tensor:
+    """Gaussian noise for one sample; with `offset_probability`, plus `offset` times a random constant
+    per channel (offset noise, which lets the model change an image's overall brightness). The same
+    draws are made whatever the settings, so changing them never shifts later random numbers."""
+    noise = torch.randn(shape, generator=generator)
+    apply = torch.rand((), generator=generator).item() < offset_probability
+    channel_offset = torch.randn((shape[0], 1, 1), generator=generator)
+    return noise + offset * channel_offset if apply else noise
+
+
+def draw_timestep(generator: torch.Generator, probabilities: torch.Tensor) -> torch.Tensor:
+    """One training timestep, drawn with the (possibly biased) `timestep_weights`."""
+    return torch.multinomial(probabilities, 1, generator=generator)
+
+
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """z = mean + std·eps: a fresh draw from the cached VAE posterior each time a sample is used."""
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
@@ -70,7 +87,11 @@ def epoch_samples(rows: list[dict], rng: random.Random) -> list[dict]:
 
 
 def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
-    """One epoch's batches: each drawn from a single bucket, shuffled reproducibly per epoch."""
+    """One epoch's batches: each drawn from a single bucket, shuffled reproducibly per epoch.
+
+    Every batch is full: a bucket's last partial batch is topped up with that bucket's first draws,
+    so each process of a multi-process run gets the same amount of work and each step's loss is a
+    mean over the same number of samples."""
     rng = random.Random(derived_seed(seed, epoch))
     buckets: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for row in epoch_samples(rows, rng):
@@ -79,7 +100,8 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int) -> l
     for key in sorted(buckets):
         members = buckets[key]
         rng.shuffle(members)
-        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+        for start in range(0, len(members), batch_size):
+            batches.append([members[(start + i) % len(members)] for i in range(batch_size)])
     rng.shuffle(batches)
     return batches
 
@@ -99,6 +121,10 @@ class BatchOrder:
             self._epoch, self._batches = epoch, epoch_batches(self.rows, self.batch_size, self.seed, epoch)
         return self._batches
 
+    def epoch_length(self, epoch: int) -> int:
+        """Batches in `epoch` (epochs differ in length only when `probability` < 1)."""
+        return len(self._load(epoch))
+
     def __getitem__(self, index: int) -> list[dict]:
         epoch = bisect.bisect_right(self._starts, index) - 1
         while True:
@@ -108,3 +134,48 @@ class BatchOrder:
             if index < self._starts[epoch + 1]:
                 return batches[index - self._starts[epoch]]
             epoch += 1
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alpha_bar = scheduler.alphas_cumprod.to(torch.float64)[timesteps]
+    return (alpha_bar / (1 - alpha_bar)).float()
+
+
+def snr_loss_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) / snr for epsilon targets,
+    min(snr, gamma) / (snr + 1) for v targets. A zero-SNR timestep (rescaled betas) gets weight 0 for
+    epsilon rather than a division by zero."""
+    clipped = torch.minimum(snr_values, torch.full_like(snr_values, gamma))
+    if prediction_type == "v_prediction":
+        return clipped / (snr_values + 1)
+    return torch.where(snr_values > 0, clipped / snr_values.clamp_min(1e-12), torch.zeros_like(snr_values))
+
+
+def timestep_weights(
+    num_timesteps: int, strategy: str, multiplier: float, begin: int, end: int, portion: float
+) -> torch.Tensor:
+    """Relative probabilities of drawing each timestep: uniform, or `multiplier` times more likely
+    for the `portion` of earliest (low-noise) or latest (high-noise) timesteps, or for [begin, end)."""
+    weights = torch.ones(num_timesteps)
+    span = int(num_timesteps * portion)
+    if strategy == "earlier":
+        weights[:span] *= multiplier
+    elif strategy == "later":
+        weights[num_timesteps - span :] *= multiplier
+    elif strategy == "range":
+        weights[begin:end] *= multiplier
+    return weights / weights.sum()
+
+
+def per_sample_loss(
+    prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float
+) -> torch.Tensor:
+    """One loss value per sample: mean squared error, or the pseudo-Huber loss
+    2c(sqrt(d^2 + c^2) - c), which is l2-like near 0 and l1-like for outliers."""
+    difference = prediction.float() - target.float()
+    if loss_type == "huber":
+        elementwise = 2 * huber_c * (torch.sqrt(difference**2 + huber_c**2) - huber_c)
+    else:
+        elementwise = difference**2
+    return elementwise.mean(dim=tuple(range(1, difference.dim())))

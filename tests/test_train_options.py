@@ -1,0 +1,224 @@
+"""Every train option changes what is trained: each is checked against a baseline run of the same
+length on the demo caches, in process (the stage itself is exercised in test_pipeline)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionXLPipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from sdxl_lib import paths
+from sdxl_lib.config import TrainParams, parse_params
+from sdxl_lib.errors import UserError
+from sdxl_lib.export import LORA_WEIGHTS, save_unet_lora
+from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.sources import model_path, pin_model, read_lock
+from sdxl_lib.train.loop import train
+from sdxl_lib.train.lora import TARGET_PRESETS, lora_config
+from sdxl_lib.train.optimizers import make_optimizer
+
+STEPS = 3
+
+
+def tiny_unet() -> torch.nn.Module:
+    return StableDiffusionXLPipeline.from_pretrained(
+        model_path(pin_model(TINY_SDXL)), use_safetensors=True
+    ).unet
+
+
+@pytest.fixture(scope="module")
+def project(demo_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("options") / "project"
+    shutil.copytree(demo_project, copy, symlinks=True)
+    return copy
+
+
+def train_with(project: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object) -> dict:
+    """Train STEPS steps in `project` with train.<key> overrides; returns the LoRA tensors."""
+    monkeypatch.chdir(project)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(max_train_steps=STEPS, validate_at_end=False, checkpointing_steps=1000, **overrides)
+    train(parse_params(raw), read_lock(paths.LOCK))
+    return load_file(project / paths.LORA / LORA_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def baseline(project: Path) -> dict:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return train_with(project, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"snr_gamma": 1.0},
+        {"noise_offset": 0.1, "noise_offset_probability": 1.0},
+        {"input_perturbation": 0.1},
+        {"timestep_bias_strategy": "later", "timestep_bias_multiplier": 5.0},
+        {"loss_type": "huber"},
+        {"caption_dropout_probability": 0.5},
+        {"prediction_type": "v_prediction"},
+        {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True},
+        {"lr_scheduler": "cosine", "lr_warmup_steps": 1},
+        {"optimizer": "lion"},
+        {"optimizer": "prodigy", "learning_rate": 1.0},
+        {"optimizer": "adafactor"},
+        {"optimizer": "adamw_schedulefree"},
+        {"lora_dropout": 0.2},
+        {"lora_alpha": 16},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_option_changes_the_trained_lora(
+    overrides: dict, project: Path, baseline: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained = train_with(project, monkeypatch, **overrides)
+    assert trained.keys() == baseline.keys()
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert any(not torch.equal(trained[k], baseline[k]) for k in trained), f"{overrides} was ignored"
+
+
+def test_same_settings_train_the_same_lora(
+    project: Path, baseline: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    again = train_with(project, monkeypatch)
+    assert all(torch.equal(again[k], baseline[k]) for k in baseline)
+
+
+def test_epochs_set_the_step_count(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from sdxl_lib.train.utils import epoch_batches
+
+    rows = [r for r in pq.read_table(project / paths.PLAN).to_pylist() if r["split"] == "train"]
+    per_epoch = len(epoch_batches(rows, 4, 42, 0))
+    monkeypatch.chdir(project)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(max_train_steps=None, num_train_epochs=2, validate_at_end=False)
+    assert train(parse_params(raw), read_lock(paths.LOCK))["steps"] == 2 * per_epoch
+
+
+def test_ema_is_saved_beside_the_lora_and_loads(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = train_with(project, monkeypatch, use_ema=True, ema_decay=0.5)
+    ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
+    assert ema.keys() == trained.keys()
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        model_path(read_lock(project / paths.LOCK)["model"]), use_safetensors=True
+    )
+    pipeline.load_lora_weights(str(project / paths.LORA / "ema"))
+
+
+@pytest.mark.parametrize("preset", list(TARGET_PRESETS))
+def test_target_presets_and_rank(preset: str) -> None:
+    unet = tiny_unet()
+    unet.add_adapter(lora_config(TrainParams(lora_target=preset, lora_rank=3)))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
+    assert adapted
+    assert all(n.endswith(tuple(TARGET_PRESETS[preset])) for n in adapted)
+    assert all(p.shape[0] == 3 for n, p in unet.named_parameters() if ".lora_A." in n)
+    has = {
+        kind: any(n.endswith(kind) for n in adapted)
+        for kind in ("to_q", "ff.net.2", "conv1", "upsamplers.0.conv")
+    }
+    assert has == {
+        "to_q": True,
+        "ff.net.2": preset != "attention",
+        "conv1": preset == "all",
+        "upsamplers.0.conv": preset == "all",
+    }
+
+
+def test_explicit_module_list_replaces_the_preset() -> None:
+    unet = tiny_unet()
+    unet.add_adapter(lora_config(TrainParams(lora_target="all", lora_target_modules=["to_v"])))
+    assert all(".to_v.lora_" in n for n, p in unet.named_parameters() if "lora_" in n)
+
+
+def test_dora_adds_magnitude_vectors(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unet = tiny_unet()
+    unet.add_adapter(lora_config(TrainParams(use_dora=True)))
+    assert any("lora_magnitude_vector" in n for n, _ in unet.named_parameters())
+    trained = train_with(project, monkeypatch, use_dora=True)
+    assert any("magnitude" in k for k in trained)
+
+
+def test_init_types() -> None:
+    def adapter(init: str) -> tuple[torch.nn.Module, dict]:
+        unet = tiny_unet()
+        torch.manual_seed(0)
+        unet.add_adapter(lora_config(TrainParams(lora_init_type=init)))
+        return unet, get_peft_model_state_dict(unet)
+
+    _, default = adapter("default")
+    _, gaussian = adapter("gaussian")
+    assert all(not t.any() for k, t in default.items() if "lora_B" in k)  # starts as a no-op
+    a_default = next(t for k, t in default.items() if "lora_A" in k)
+    a_gaussian = next(t for k, t in gaussian.items() if "lora_A" in k)
+    assert not torch.equal(a_default, a_gaussian)
+    _, pissa = adapter("pissa")
+    assert any(t.any() for k, t in pissa.items() if "lora_B" in k)  # principal components
+
+
+def test_pissa_export_applies_to_the_original_base() -> None:
+    """A PiSSA adapter is trained on a modified base; the exported LoRA reproduces base + training on
+    the untouched model."""
+    unet = tiny_unet()
+    unet.add_adapter(lora_config(TrainParams(lora_init_type="pissa", lora_rank=4)))
+    initial = {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))  # "training"
+
+    def output(model: torch.nn.Module) -> torch.Tensor:
+        config = model.config
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        generator = torch.Generator().manual_seed(0)
+        sample = torch.randn(1, 4, 16, 16, generator=generator)
+        cond = torch.randn(1, 77, model.config.cross_attention_dim, generator=generator)
+        added = {
+            "text_embeds": torch.randn(1, pooled_dim, generator=generator),
+            "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]]),
+        }
+        with torch.no_grad():
+            return model(sample, torch.tensor([500]), cond, added_cond_kwargs=added).sample
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_unet_lora(unet, Path(folder), initial)
+        pipeline = StableDiffusionXLPipeline.from_pretrained(
+            model_path(pin_model(TINY_SDXL)), use_safetensors=True
+        )
+        pipeline.load_lora_weights(folder)
+    torch.testing.assert_close(output(pipeline.unet), output(unet), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("adamw", "AdamW"),
+        ("lion", "Lion"),
+        ("prodigy", "Prodigy"),
+        ("adafactor", "Adafactor"),
+        ("adamw_schedulefree", "AdamWScheduleFree"),
+    ],
+)
+def test_optimizer_by_name(name: str, expected: str) -> None:
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = make_optimizer(TrainParams(optimizer=name), params, torch.device("cpu"))
+    assert type(optimizer).__name__ == expected
+
+
+def test_adamw8bit_off_cuda_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="adamw8bit needs a CUDA GPU"):
+        make_optimizer(
+            TrainParams(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(1))], torch.device("cpu")
+        )
