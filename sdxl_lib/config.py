@@ -36,17 +36,27 @@ class ModelParams(Section):
 
 
 class ValidationParams(Section):
-    validation_prompts: list[str] = ["a red circle on a blue background"]
-    validation_resolution: str = Field("1024x1024", pattern=r"^\d+x\d+$")
+    validation_prompt: str | list[str] = "a red circle on a blue background"  # one or a list
+    validation_negative_prompt: str = "blurry, cropped, ugly"  # SimpleTuner's default
+    # one or more sizes, comma separated: "1024x1024,1280x768" (a bare "1024" means square)
+    validation_resolution: str = Field("1024x1024", pattern=r"^\s*\d+(x\d+)?(\s*,\s*\d+(x\d+)?)*\s*$")
     validation_guidance: float = Field(5.0, ge=0.0)
     validation_num_inference_steps: int = Field(30, ge=1)
     validation_seed: int = 0
+    validation_steps: int | None = Field(None, ge=1)  # also during training, with base images at step 0
 
     @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) parsed from `WxH`."""
-        width, height = self.validation_resolution.split("x")
-        return int(width), int(height)
+    def prompts(self) -> list[str]:
+        return [self.validation_prompt] if isinstance(self.validation_prompt, str) else self.validation_prompt
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each entry of `validation_resolution`."""
+        sizes = []
+        for entry in self.validation_resolution.split(","):
+            width, _, height = entry.strip().partition("x")
+            sizes.append((int(width), int(height or width)))
+        return sizes
 
 
 class DatasetSource(Section):

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
             "unknown key 'download.datasets.0.revison': did you mean 'revision'?",
         ),
         (
-            {"validation": {"validation_resolution": "1024"}},
+            {"validation": {"validation_resolution": "1024x"}},
             "validation.validation_resolution: String should match",
         ),
     ],
@@ -62,7 +62,7 @@ def test_bad_params_name_the_key(raw: dict, message: str) -> None:
 def test_defaults_are_valid_and_unquoted_no_is_accepted() -> None:
     params = parse_params({"train": {"mixed_precision": False}})
     assert params.train.mixed_precision == "no"
-    assert parse_params({}).validation.size == (1024, 1024)
+    assert parse_params({}).validation.sizes == [(1024, 1024)]
 
 
 def test_project_params_and_presets_are_valid() -> None:
@@ -98,3 +98,12 @@ def test_every_stage_has_help() -> None:
         result = runner.invoke(app, [stage, "--help"])
         assert result.exit_code == 0 and "--params" in result.output
     assert "--params" in run(["python", "-m", "stages.bucket", "--help"], ROOT).stdout
+
+
+def test_validation_prompts_and_resolutions_accept_one_or_many() -> None:
+    one = parse_params({"validation": {"validation_prompt": "a dog", "validation_resolution": "512"}})
+    assert one.validation.prompts == ["a dog"] and one.validation.sizes == [(512, 512)]
+    many = parse_params(
+        {"validation": {"validation_prompt": ["a", "b"], "validation_resolution": "1024x1024, 1280x768"}}
+    )
+    assert many.validation.prompts == ["a", "b"] and many.validation.sizes == [(1024, 1024), (1280, 768)]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from conftest import new_project, read_json, run, set_params
+from conftest import BIN, new_project, read_json, run, set_params
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -42,7 +47,9 @@ def test_repro_writes_every_artifact(demo_project: Path) -> None:
     assert summary["flipped_variants"] == summary["train"]  # random_flip in the demo
     assert summary["skipped"] == {"too_small": len(skipped)} and len(skipped) > 0
     assert summary["eval"] > 0 and len(summary["buckets"]) >= 3
-    assert len(list((demo_project / "metrics/train/validation").glob("*.png"))) == 4
+    grids = sorted(p.name for p in (demo_project / "metrics/train/validation").glob("*.png"))
+    assert grids == ["step-000000.png", "step-000100.png", "step-000200.png"]  # base, then every 100
+    assert Image.open(demo_project / "metrics/train/validation/step-000200.png").size == (256, 4 * 256)
     assert (demo_project / "metrics/bucket/contact_sheet.png").is_file()
     histogram = read_json(demo_project / "metrics/bucket/buckets.json")
     assert sum(b["images"] for b in histogram) == summary["kept"]
@@ -105,6 +112,48 @@ def test_resume_from_checkpoint_equals_uninterrupted(demo_project: Path, tmp_pat
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the whole `dvc repro` at a random step (possibly mid-checkpoint); the next `dvc repro`
+    resumes from the last complete checkpoint and ends with the same LoRA, bit for bit."""
+    project = tmp_path / "killed"
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(
+        project,
+        {"train.max_train_steps": 30, "train.checkpointing_steps": 4, "train.validate_at_end": False},
+    )
+    run(["dvc", "repro", "train"], project)
+    uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
+    shutil.rmtree(project / "models/checkpoints")
+    shutil.rmtree(project / "metrics/train/plots")  # the step count below is read from the new run's log
+    kill_after = random.Random().randint(5, 25)
+    losses = project / "metrics/train/plots/metrics/train_loss.tsv"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        ["dvc", "repro", "-f", "train"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if losses.is_file() and len(losses.read_text().splitlines()) > kill_after:
+            break
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (project / "models/lora" / LORA_WEIGHTS).exists(), f"killed too late (step {kill_after})"
+    result = run(["dvc", "repro", "train"], project)
+    assert "resuming from models/checkpoints/checkpoint-" in result.stdout + result.stderr, kill_after
+    resumed = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), (
+        f"killed at step {kill_after}"
+    )
+
+
 def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path, tmp_path: Path) -> None:
     project = tmp_path / "exp"
     shutil.copytree(demo_project, project, symlinks=True)
@@ -150,7 +199,8 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
             "train.gradient_checkpointing": True,
             "train.max_train_steps": 4,
             "train.gradient_accumulation_steps": 2,
-            "train.validate_at_end": False,
+            "validation.validation_steps": 2,
+            "validation.validation_resolution": "128x128,192x128",
         },
     )
     before = load_file(project / "models/lora" / LORA_WEIGHTS)
@@ -159,6 +209,9 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
     assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
+    grids = sorted((project / "metrics/train/validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    assert Image.open(grids[-1]).size == (256 + 384, 4 * 256)  # a column per resolution
 
 
 def test_two_process_training_matches_one_process_with_the_doubled_batch(

@@ -42,7 +42,6 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     scheduler = load_noise_scheduler(lock, **params.train.scheduler_overrides)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
-    prompts = params.validation.validation_prompts
     pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides)
 
     results: dict[str, torch.Tensor] = {}
@@ -60,9 +59,9 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
             params.evaluate.eval_seed,
             params.evaluate.eval_batch_size,
         )
-        images = generate_validation_images(pipeline, params.validation)
-        save_images(images, out_dir / "images", name)
-        results[f"clip_{name}"] = scorer.scores(images, prompts)
+        prompts, images = zip(*generate_validation_images(pipeline, params.validation), strict=True)
+        save_images(list(images), out_dir / "images", name)
+        results[f"clip_{name}"] = scorer.scores(list(images), list(prompts))
 
     metrics = {
         "eval_loss": results["loss_lora"].mean().item(),

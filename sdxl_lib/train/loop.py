@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
+from diffusers import StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from dvclive import Live
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -26,10 +27,10 @@ from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents, open_latents
 from sdxl_lib.cache.shards import INDEX
 from sdxl_lib.cache.text import TextCache
-from sdxl_lib.config import Params, TrainParams
+from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
-from sdxl_lib.evaluate.images import generate_validation_images, save_images
+from sdxl_lib.evaluate.images import generate_validation_images, image_grid
 from sdxl_lib.export import save_unet_lora
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline, load_unet
 from sdxl_lib.train.lora import lora_config
@@ -83,6 +84,8 @@ def save_checkpoint(
 ) -> None:
     """Write into a temporary folder and rename, so a checkpoint on disk is never half written."""
     paths.CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    for stale in paths.CHECKPOINTS.glob(".tmp-*"):  # a checkpoint being written when a run was killed
+        shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(dir=paths.CHECKPOINTS, prefix=".tmp-"))
     save_file(get_peft_model_state_dict(unet), str(tmp / "lora.safetensors"))
     if ema is not None:
@@ -221,6 +224,17 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     if live is not None:
         live.step = start_step
 
+    # Validation images every validation_steps (base model at step 0) and at the end, main process only.
+    validation = params.validation
+    pipeline = None
+    if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
+        pipeline = load_pipeline(
+            lock, scheduler_overrides=cfg.scheduler_overrides, unet=accelerator.unwrap_model(unet)
+        ).to(accelerator.device)
+        if validation.validation_steps and start_step == 0:
+            with without_adapters(accelerator.unwrap_model(unet)):
+                save_validation_grid(pipeline, validation, 0, accelerator)
+
     unet.train()
     set_optimizer_mode(optimizer, training=True)
     loss_value = float("nan")
@@ -299,6 +313,13 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             live.log_metric("lr", lr_scheduler.get_last_lr()[0])
             live.next_step()
         done = step + 1
+        due = validation.validation_steps and done % validation.validation_steps == 0
+        if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
+            unet.eval()
+            set_optimizer_mode(optimizer, training=False)
+            save_validation_grid(pipeline, validation, done, accelerator)
+            set_optimizer_mode(optimizer, training=True)
+            unet.train()
         if done % cfg.checkpointing_steps == 0 and done < max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -322,12 +343,6 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             with swapped_in(lora_params, ema):
                 save_unet_lora(final_unet, paths.LORA / "ema", initial)
         paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)  # a DVC output, even if left empty
-        if cfg.validate_at_end:
-            pipeline = load_pipeline(
-                lock, scheduler_overrides=cfg.scheduler_overrides, unet=final_unet.float().eval()
-            )
-            images = generate_validation_images(pipeline, params.validation)
-            save_images(images, paths.VALIDATION_IMAGES, "validation")
         assert live is not None
         live.summary["final_train_loss"] = loss_value
         live.end()
@@ -335,6 +350,27 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     if not accelerator.is_main_process:
         return None
     return {"final_train_loss": loss_value, "steps": max_steps, "processes": world}
+
+
+def save_validation_grid(
+    pipeline: StableDiffusionXLPipeline, validation: ValidationParams, step: int, accelerator: Accelerator
+) -> None:
+    """metrics/train/validation/step-NNNNNN.png: a row per prompt, a column per resolution. The
+    pipeline draws from its own seeded generators, so training's random numbers are untouched."""
+    with torch.no_grad(), accelerator.autocast():
+        images = [image for _, image in generate_validation_images(pipeline, validation)]
+    paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)
+    image_grid(images, len(validation.sizes)).save(paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
+
+
+@contextmanager
+def without_adapters(unet: torch.nn.Module) -> Iterator[None]:
+    """The base model, for step-0 images (an adapter may not start as a no-op: gaussian, PiSSA)."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 @contextmanager
