@@ -16,7 +16,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     result = train(load_params(params_file), read_lock(paths.LOCK))
     if result is not None:  # only the main process reports
         typer.echo(
-            f"train: {result['steps']} steps on {result['processes']} process(es), "
+            f"train: {result['steps']} steps on {result['processes']} process(es) in "
+            f"{result['train_seconds']:.0f} s ({result['steps'] / result['train_seconds']:.2f} steps/s), "
             f"final loss {result['final_train_loss']:.4f}, LoRA in {paths.LORA}"
         )
 

@@ -20,3 +20,11 @@ def test_cache_benchmarks_run_at_toy_size(tmp_path: Path) -> None:
         tmp_path,
     )
     assert encoders.stdout.count("images/s") == 3 and encoders.stdout.count("captions/s") == 2
+
+
+def test_train_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    args = ["--resolutions", "128", "--batch-sizes", "2", "--steps", "2"]
+    result = run([sys.executable, str(ROOT / "bench/train_step.py"), *args], tmp_path)
+    row = next(line for line in result.stdout.splitlines() if line.startswith("128 |")).split(" | ")
+    assert row[1] == "2" and float(row[2]) > 0
+    assert sum(float(share.rstrip("%")) for share in row[5:]) > 95  # the four phases cover the step

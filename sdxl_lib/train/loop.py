@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from dvclive import Live
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from sdxl_lib import paths
@@ -238,6 +240,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     unet.train()
     set_optimizer_mode(optimizer, training=True)
     loss_value = float("nan")
+    started = time.perf_counter()
     progress = tqdm(
         range(start_step, max_steps),
         desc="train",
@@ -251,51 +254,61 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         for micro in range(cfg.gradient_accumulation_steps):
             # Every random draw is derived from (seed, position, sample), never from RNG history,
             # so resuming at any step is exact and N processes draw what one process would.
-            position = step * cfg.gradient_accumulation_steps + micro
-            global_batch, samples = order[position], range(rank, cfg.train_batch_size * world, world)
-            batch = [global_batch[j] for j in samples]
-            generators = [torch.Generator().manual_seed(derived_seed(cfg.seed, position, j)) for j in samples]
-            torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
-            inputs = batch_inputs(batch, generators, latents, texts, scaling, cfg.caption_dropout_probability)
-            clean = inputs["model_input"]
-            noise = torch.stack(
-                [
-                    draw_noise(clean.shape[1:], g, cfg.noise_offset, cfg.noise_offset_probability)
-                    for g in generators
+            with record_function("data"):  # labels for bench/train_step.py's profile
+                position = step * cfg.gradient_accumulation_steps + micro
+                global_batch, samples = order[position], range(rank, cfg.train_batch_size * world, world)
+                batch = [global_batch[j] for j in samples]
+                generators = [
+                    torch.Generator().manual_seed(derived_seed(cfg.seed, position, j)) for j in samples
                 ]
-            )
-            timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
-            perturbation = (
-                torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
-                if cfg.input_perturbation
-                else torch.zeros_like(noise)
-            )
-            noisy = noise_scheduler.add_noise(clean, noise + cfg.input_perturbation * perturbation, timesteps)
-            target = training_target(noise_scheduler, clean, noise, timesteps)
-            weights = (
-                snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
-                if cfg.snr_gamma
-                else torch.ones(len(batch))
-            )
+                torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
+                inputs = batch_inputs(
+                    batch, generators, latents, texts, scaling, cfg.caption_dropout_probability
+                )
+                clean = inputs["model_input"]
+                noise = torch.stack(
+                    [
+                        draw_noise(clean.shape[1:], g, cfg.noise_offset, cfg.noise_offset_probability)
+                        for g in generators
+                    ]
+                )
+                timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
+                perturbation = (
+                    torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
+                    if cfg.input_perturbation
+                    else torch.zeros_like(noise)
+                )
+                noisy = noise_scheduler.add_noise(
+                    clean, noise + cfg.input_perturbation * perturbation, timesteps
+                )
+                target = training_target(noise_scheduler, clean, noise, timesteps)
+                weights = (
+                    snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
+                    if cfg.snr_gamma
+                    else torch.ones(len(batch))
+                )
             device = accelerator.device
 
             with accelerator.accumulate(unet), accelerator.autocast():
-                prediction = unet(
-                    noisy.to(device, dtype),
-                    timesteps.to(device),
-                    inputs["prompt_embeds"].to(device, dtype),
-                    added_cond_kwargs={
-                        "text_embeds": inputs["pooled_prompt_embeds"].to(device, dtype),
-                        "time_ids": inputs["time_ids"].to(device, dtype),
-                    },
-                ).sample
-                per_sample = per_sample_loss(prediction, target.to(device), cfg.loss_type, cfg.huber_c)
-                loss = (per_sample * weights.to(device)).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                with record_function("forward"):
+                    prediction = unet(
+                        noisy.to(device, dtype),
+                        timesteps.to(device),
+                        inputs["prompt_embeds"].to(device, dtype),
+                        added_cond_kwargs={
+                            "text_embeds": inputs["pooled_prompt_embeds"].to(device, dtype),
+                            "time_ids": inputs["time_ids"].to(device, dtype),
+                        },
+                    ).sample
+                    per_sample = per_sample_loss(prediction, target.to(device), cfg.loss_type, cfg.huber_c)
+                    loss = (per_sample * weights.to(device)).mean()
+                with record_function("backward"):
+                    accelerator.backward(loss)
+                with record_function("optimizer"):
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / cfg.gradient_accumulation_steps
         lr_scheduler.step()
         if ema is not None:
@@ -334,6 +347,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                 )
 
     accelerator.wait_for_everyone()
+    train_seconds = time.perf_counter() - started
     set_optimizer_mode(optimizer, training=False)  # schedule-free: export the averaged weights
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
@@ -349,7 +363,12 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     accelerator.end_training()
     if not accelerator.is_main_process:
         return None
-    return {"final_train_loss": loss_value, "steps": max_steps, "processes": world}
+    return {
+        "final_train_loss": loss_value,
+        "steps": max_steps - start_step,
+        "train_seconds": train_seconds,
+        "processes": world,
+    }
 
 
 def save_validation_grid(
