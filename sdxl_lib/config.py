@@ -205,6 +205,8 @@ class TrainParams(Section):
     lora_target_modules: list[str] | None = None
     use_dora: bool = False
     lora_init_type: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    # Continue from this LoRA (.safetensors, diffusers or kohya format); its rank, alpha and targets win.
+    init_lora: str | None = None
     # Optimisation
     optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor", "adamw_schedulefree"] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)

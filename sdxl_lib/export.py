@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -28,7 +27,9 @@ def save_unet_lora(
         metadata.update(r=2 * metadata["r"], lora_alpha=2 * metadata["lora_alpha"], init_lora_weights=True)
     StableDiffusionXLPipeline.save_lora_weights(
         directory,
-        unet_lora_layers=convert_state_dict_to_diffusers(state),
+        # peft's key names throughout: diffusers' converter renames only attention modules, and a
+        # file mixing both styles loads only part of its modules back.
+        unet_lora_layers=state,
         unet_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )

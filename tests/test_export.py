@@ -9,9 +9,11 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 
+from sdxl_lib.config import TrainParams
 from sdxl_lib.export import save_unet_lora
 from sdxl_lib.models.builtin import TINY_SDXL
 from sdxl_lib.sources import model_path, pin_model
+from sdxl_lib.train.lora import lora_config
 
 
 def tiny_pipeline() -> StableDiffusionXLPipeline:
@@ -42,3 +44,22 @@ def test_nan_lora_is_never_exported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="NaN"):
         save_unet_lora(unet, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("preset", ["attention", "attention_mlp", "all"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_every_trained_module_loads_back(preset: str, use_dora: bool, tmp_path: Path) -> None:
+    """All of a LoRA's modules load through `load_lora_weights`, for every target preset, with DoRA."""
+    trained = tiny_pipeline()
+    trained.unet.add_adapter(lora_config(TrainParams(lora_target=preset, lora_rank=4, use_dora=use_dora)))
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01 * torch.randn_like(p))  # as if trained
+    save_unet_lora(trained.unet, tmp_path)
+    loaded = tiny_pipeline()
+    loaded.load_lora_weights(str(tmp_path))
+    original = {n.replace(".default", ""): p for n, p in trained.unet.named_parameters() if "lora_" in n}
+    reloaded = {n.replace(".default_0", ""): p for n, p in loaded.unet.named_parameters() if "lora_" in n}
+    assert reloaded.keys() == original.keys()
+    assert all(torch.equal(reloaded[k], original[k]) for k in original)

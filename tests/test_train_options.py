@@ -3,6 +3,7 @@ length on the demo caches, in process (the stage itself is exercised in test_pip
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdxl_lib import paths
@@ -222,3 +224,29 @@ def test_adamw8bit_off_cuda_is_a_clear_error() -> None:
         make_optimizer(
             TrainParams(optimizer="adamw8bit"), [torch.nn.Parameter(torch.ones(1))], torch.device("cpu")
         )
+
+
+def test_init_lora_continues_from_a_saved_lora(
+    project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    start = train_with(project, monkeypatch, lora_rank=4, lora_alpha=8, lora_target="attention_mlp")
+    saved = tmp_path / "start.safetensors"
+    shutil.copy(project / paths.LORA / LORA_WEIGHTS, saved)
+    # A vanishing learning rate: the result is the file it started from, with its rank and alpha.
+    kept = train_with(project, monkeypatch, init_lora=str(saved), learning_rate=1e-30)
+    assert kept.keys() == start.keys()
+    assert all(torch.allclose(kept[k], start[k], atol=1e-12) for k in start)
+    with safe_open(str(project / paths.LORA / LORA_WEIGHTS), "pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert (config["unet.r"], config["unet.lora_alpha"]) == (4, 8)
+    moved = train_with(project, monkeypatch, init_lora=str(saved))
+    assert any(not torch.equal(moved[k], start[k]) for k in start)
+
+
+def test_init_lora_must_be_safetensors(
+    project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pickle = tmp_path / "lora.bin"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="only safetensors"):
+        train_with(project, monkeypatch, init_lora=str(pickle))

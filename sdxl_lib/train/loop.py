@@ -35,7 +35,7 @@ from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
 from sdxl_lib.export import save_unet_lora
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline, load_unet
-from sdxl_lib.train.lora import lora_config
+from sdxl_lib.train.lora import load_init_lora, lora_config
 from sdxl_lib.train.optimizers import make_optimizer, set_optimizer_mode
 from sdxl_lib.train.utils import (
     BatchOrder,
@@ -58,6 +58,8 @@ def run_fingerprint(params: Params, lock: dict[str, Any]) -> str:
     """What a checkpoint must match to be resumed: train params, base model and cached inputs."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
     digest.update(params.encode.model_dump_json().encode())
+    if params.train.init_lora:
+        digest.update(Path(params.train.init_lora).read_bytes())
     digest.update(json.dumps(lock["model"], sort_keys=True).encode())
     for index in (paths.LATENTS / INDEX, paths.TEXT / INDEX, paths.PLAN):
         digest.update(index.read_bytes())
@@ -176,7 +178,11 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     )
     unet = load_unet(lock, dtype).requires_grad_(False)
     torch.manual_seed(cfg.seed)  # LoRA init
-    unet.add_adapter(lora_config(cfg))
+    if cfg.init_lora:
+        load_init_lora(unet, cfg.init_lora)
+        accelerator.print(f"train: continuing from {cfg.init_lora} (its rank, alpha and targets)")
+    else:
+        unet.add_adapter(lora_config(cfg))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
 from peft import LoraConfig
 
 from sdxl_lib.config import TrainParams
+from sdxl_lib.errors import UserError
 
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 # peft matches each name against the end of a module's path.
@@ -39,3 +44,21 @@ def lora_config(cfg: TrainParams) -> LoraConfig:
         target_modules=target_modules(cfg),
         use_dora=cfg.use_dora,
     )
+
+
+def load_init_lora(unet: torch.nn.Module, path: str) -> None:
+    """Make an existing LoRA the adapter to train, read the way diffusers' `load_lora_weights` reads it
+    (which also converts kohya / A1111 files); it keeps its own rank, alpha and targets."""
+    file = Path(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise UserError(f"train.init_lora: {path} is not a .safetensors file (only safetensors are loaded)")
+    state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
+        str(file.parent), weight_name=file.name, return_lora_metadata=True
+    )
+    if not any(key.startswith("unet.") for key in state):
+        raise UserError(f"train.init_lora: {path} holds no U-Net LoRA weights")
+    StableDiffusionXLPipeline.load_lora_into_unet(
+        state, alphas, unet, adapter_name="default", metadata=metadata
+    )
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
