@@ -14,16 +14,15 @@ def make_optimizer(
     cfg: TrainParams, params: list[torch.nn.Parameter], device: torch.device
 ) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    adam = {
+        "lr": cfg.learning_rate,
+        "betas": betas,
+        "weight_decay": cfg.adam_weight_decay,
+        "eps": cfg.adam_epsilon,
+    }
     if cfg.optimizer == "adamw":
         # The fused kernel is one launch per step instead of one per tensor, where the device has it.
-        return torch.optim.AdamW(
-            params,
-            lr=cfg.learning_rate,
-            betas=betas,
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-            fused=device.type == "cuda",
-        )
+        return torch.optim.AdamW(params, **adam, fused=device.type == "cuda")
     if cfg.optimizer == "adamw8bit":
         if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
             raise UserError(
@@ -32,13 +31,7 @@ def make_optimizer(
             )
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(
-            params,
-            lr=cfg.learning_rate,
-            betas=betas,
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-        )
+        return bitsandbytes.optim.AdamW8bit(params, **adam)
     if cfg.optimizer == "lion":
         from lion_pytorch import Lion
 
@@ -61,14 +54,7 @@ def make_optimizer(
         )
     from schedulefree import AdamWScheduleFree
 
-    return AdamWScheduleFree(
-        params,
-        lr=cfg.learning_rate,
-        betas=betas,
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-        warmup_steps=cfg.lr_warmup_steps,
-    )
+    return AdamWScheduleFree(params, **adam, warmup_steps=cfg.lr_warmup_steps)
 
 
 def set_optimizer_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
