@@ -154,6 +154,50 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
     )
 
 
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "interrupted"
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(
+        project,
+        {
+            "train.max_train_steps": 40,
+            "train.checkpointing_steps": 1000,
+            "train.validate_at_end": False,
+            "validation.validation_steps": None,
+        },
+    )
+    run(["sdxl-lora", "train"], project)
+    uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
+    shutil.rmtree(project / "models")
+    shutil.rmtree(project / "metrics/train")
+    losses = project / "metrics/train/plots/metrics/train_loss.tsv"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        ["sdxl-lora", "train"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+        losses.is_file() and len(losses.read_text().splitlines()) > 10
+    ):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr
+    assert "error: interrupted: checkpoint of step" in stderr and "Traceback" not in stderr
+    assert len(list((project / "models/checkpoints").glob("checkpoint-*"))) == 1
+    result = run(["sdxl-lora", "train"], project)
+    assert "resuming from models/checkpoints/checkpoint-" in result.stdout + result.stderr
+    resumed = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path, tmp_path: Path) -> None:
     project = tmp_path / "exp"
     shutil.copytree(demo_project, project, symlinks=True)

@@ -7,7 +7,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,6 +249,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     set_optimizer_mode(optimizer, training=True)
     loss_value = float("nan")
     started = time.perf_counter()
+    interrupt = checkpoint_on_first_sigint()
     progress = tqdm(
         range(start_step, max_steps),
         desc="train",
@@ -320,7 +323,9 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         if ema is not None:
             torch._foreach_lerp_(ema, [p.detach() for p in lora_params], 1 - cfg.ema_decay)
 
-        loss_value = accelerator.reduce(step_loss, reduction="mean").item()
+        # One sync per step, for the log and for an interrupt seen by any process.
+        stats = torch.stack([step_loss, torch.tensor(float(interrupt.is_set()), device=accelerator.device)])
+        loss_value, interrupted = accelerator.reduce(stats, reduction="mean").tolist()
         if not math.isfinite(loss_value):
             raise UserError(
                 f"loss became {loss_value} at step {step + 1}; lower train.learning_rate or use "
@@ -339,7 +344,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             save_validation_grid(pipeline, validation, done, accelerator)
             set_optimizer_mode(optimizer, training=True)
             unet.train()
-        if done % cfg.checkpointing_steps == 0 and done < max_steps:
+        stopping = interrupted > 0 and done < max_steps
+        if (done % cfg.checkpointing_steps == 0 or stopping) and done < max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(
@@ -351,7 +357,13 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                     fingerprint,
                     cfg.checkpoints_total_limit,
                 )
+        if stopping:
+            raise UserError(
+                f"interrupted: checkpoint of step {done} saved in {paths.CHECKPOINTS}; "
+                "run the stage (or dvc repro) again to resume"
+            )
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     accelerator.wait_for_everyone()
     train_seconds = time.perf_counter() - started
     set_optimizer_mode(optimizer, training=False)  # schedule-free: export the averaged weights
@@ -375,6 +387,20 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         "train_seconds": train_seconds,
         "processes": world,
     }
+
+
+def checkpoint_on_first_sigint() -> threading.Event:
+    """The first Ctrl-C asks the loop to finish its step, write a checkpoint and stop; a second one
+    interrupts at once."""
+    requested = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ntrain: interrupted; writing a checkpoint after this step (Ctrl-C again to quit now)")
+
+    signal.signal(signal.SIGINT, handler)
+    return requested
 
 
 def save_validation_grid(
