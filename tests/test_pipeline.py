@@ -105,11 +105,32 @@ def test_resume_from_checkpoint_equals_uninterrupted(demo_project: Path, tmp_pat
     checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"))
     assert checkpoints, "the demo run should have left a mid-run checkpoint"
     shutil.rmtree(project / "models/lora")
+    # What a kill can leave behind: a half-written summary and log lines past the checkpoint.
+    (project / "metrics/train/metrics.json").write_text('{"train_loss": 0.9')
+    with (project / "metrics/train/plots/metrics/train_loss.tsv").open("a") as log:
+        log.write("200\t0.5\n201\t0.")
     result = run(["sdxl-lora", "train"], project)
     assert f"resuming from models/checkpoints/{checkpoints[-1].name}" in result.stdout + result.stderr
+    logged = (project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
+    assert [int(line.split("\t")[0]) for line in logged] == list(range(200))
     resumed = load_file(project / "models/lora" / LORA_WEIGHTS)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def start_training(cmd: list[str], project: Path, steps: int, **popen: object) -> subprocess.Popen[str]:
+    """Start `cmd` in `project` and return once the new run has logged `steps` steps (or ended).
+    Its output goes to `project/run.log` (a pipe nobody reads could fill up and stall it)."""
+    losses = project / "metrics/train/plots/metrics/train_loss.tsv"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with (project / "run.log").open("w") as log:
+        process = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=log, text=True, **popen)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if losses.is_file() and len(losses.read_text().splitlines()) > steps:
+            break
+        time.sleep(0.01)
+    return process
 
 
 def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
@@ -128,21 +149,7 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
     shutil.rmtree(project / "models/checkpoints")
     shutil.rmtree(project / "metrics/train/plots")  # the step count below is read from the new run's log
     kill_after = random.Random().randint(5, 25)
-    losses = project / "metrics/train/plots/metrics/train_loss.tsv"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        ["dvc", "repro", "-f", "train"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if losses.is_file() and len(losses.read_text().splitlines()) > kill_after:
-            break
-        time.sleep(0.01)
+    process = start_training(["dvc", "repro", "-f", "train"], project, kill_after, start_new_session=True)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (project / "models/lora" / LORA_WEIGHTS).exists(), f"killed too late (step {kill_after})"
@@ -152,6 +159,8 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), (
         f"killed at step {kill_after}"
     )
+    logged = (project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
+    assert [int(line.split("\t")[0]) for line in logged] == list(range(30))
 
 
 def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(
@@ -172,25 +181,12 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(
     uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
     shutil.rmtree(project / "models")
     shutil.rmtree(project / "metrics/train")
-    losses = project / "metrics/train/plots/metrics/train_loss.tsv"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        ["sdxl-lora", "train"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-        losses.is_file() and len(losses.read_text().splitlines()) > 10
-    ):
-        time.sleep(0.01)
+    process = start_training(["sdxl-lora", "train"], project, 10)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 2, stderr
-    assert "error: interrupted: checkpoint of step" in stderr and "Traceback" not in stderr
+    process.wait(timeout=300)
+    output = (project / "run.log").read_text()
+    assert process.returncode == 2, output
+    assert "error: interrupted: checkpoint of step" in output and "Traceback" not in output
     assert len(list((project / "models/checkpoints").glob("checkpoint-*"))) == 1
     result = run(["sdxl-lora", "train"], project)
     assert "resuming from models/checkpoints/checkpoint-" in result.stdout + result.stderr

@@ -226,6 +226,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         shutil.rmtree(paths.CHECKPOINTS, ignore_errors=True)
         shutil.rmtree(paths.TRAIN_METRICS, ignore_errors=True)
         paths.CHECKPOINTS.mkdir(parents=True)  # a DVC output even when the run is too short for one
+    if start_step > 0 and accelerator.is_main_process:
+        trim_train_log(start_step)
     live = (
         Live(str(paths.TRAIN_METRICS), dvcyaml=None, save_dvc_exp=False, resume=start_step > 0)
         if accelerator.is_main_process
@@ -387,6 +389,16 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         "train_seconds": train_seconds,
         "processes": world,
     }
+
+
+def trim_train_log(start_step: int) -> None:
+    """Before resuming: drop the logged steps the checkpoint does not cover (and a line cut short by
+    a kill), and the summary file, which a kill can leave half written; DVCLive rewrites it."""
+    for table in (paths.TRAIN_METRICS / "plots" / "metrics").glob("*.tsv"):
+        header, *lines = table.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and int(line.split("\t")[0]) < start_step]
+        table.write_text(header + "".join(kept))
+    (paths.TRAIN_METRICS / "metrics.json").unlink(missing_ok=True)
 
 
 def checkpoint_on_first_sigint() -> threading.Event:
