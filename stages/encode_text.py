@@ -37,7 +37,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         identity,
         state,
     )
-    if result is not None:  # the main process writes the index was written with the shards; it reports
+    if result is not None:  # only the main process reports
         index, report = result
         truncated = sum(index.column("truncated").to_pylist())
         write_json({**report, "truncated": truncated}, paths.ENCODE_METRICS / "text.json")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -70,6 +71,17 @@ def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run(["dvc", "repro"], project)
     (project / "repro.log").write_text(result.stdout + result.stderr)
     return project
+
+
+def tiny_pipeline() -> Any:
+    """The built-in tiny SDXL pipeline, loaded as users load any SDXL folder (imported here, after
+    the environment above is set)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxl_lib.models.builtin import TINY_SDXL
+    from sdxl_lib.sources import model_path, pin_model
+
+    return StableDiffusionXLPipeline.from_pretrained(model_path(pin_model(TINY_SDXL)), use_safetensors=True)
 
 
 def read_json(path: Path) -> dict:

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from conftest import tiny_pipeline
 from peft import LoraConfig
 
 from sdxl_lib.config import TrainParams
 from sdxl_lib.export import save_unet_lora
-from sdxl_lib.models.builtin import TINY_SDXL
-from sdxl_lib.sources import model_path, pin_model
 from sdxl_lib.train.lora import lora_config
-
-
-def tiny_pipeline() -> StableDiffusionXLPipeline:
-    return StableDiffusionXLPipeline.from_pretrained(model_path(pin_model(TINY_SDXL)), use_safetensors=True)
 
 
 def test_alpha_survives_the_round_trip(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import tiny_pipeline
 from diffusers import StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -19,19 +21,13 @@ from sdxl_lib import paths
 from sdxl_lib.config import TrainParams, parse_params
 from sdxl_lib.errors import UserError
 from sdxl_lib.export import LORA_WEIGHTS, save_unet_lora
-from sdxl_lib.models.builtin import TINY_SDXL
-from sdxl_lib.sources import model_path, pin_model, read_lock
+from sdxl_lib.sources import model_path, read_lock
 from sdxl_lib.train.loop import train
 from sdxl_lib.train.lora import TARGET_PRESETS, lora_config
 from sdxl_lib.train.optimizers import make_optimizer
+from sdxl_lib.train.utils import epoch_batches
 
 STEPS = 3
-
-
-def tiny_unet() -> torch.nn.Module:
-    return StableDiffusionXLPipeline.from_pretrained(
-        model_path(pin_model(TINY_SDXL)), use_safetensors=True
-    ).unet
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +90,6 @@ def test_same_settings_train_the_same_lora(
 
 
 def test_epochs_set_the_step_count(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyarrow.parquet as pq
-
-    from sdxl_lib.train.utils import epoch_batches
-
     rows = [r for r in pq.read_table(project / paths.PLAN).to_pylist() if r["split"] == "train"]
     per_epoch = len(epoch_batches(rows, 4, 42, 0))
     monkeypatch.chdir(project)
@@ -119,7 +111,7 @@ def test_ema_is_saved_beside_the_lora_and_loads(project: Path, monkeypatch: pyte
 
 @pytest.mark.parametrize("preset", list(TARGET_PRESETS))
 def test_target_presets_and_rank(preset: str) -> None:
-    unet = tiny_unet()
+    unet = tiny_pipeline().unet
     unet.add_adapter(lora_config(TrainParams(lora_target=preset, lora_rank=3)))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in unet.named_parameters() if ".lora_A." in n}
     assert adapted
@@ -138,13 +130,13 @@ def test_target_presets_and_rank(preset: str) -> None:
 
 
 def test_explicit_module_list_replaces_the_preset() -> None:
-    unet = tiny_unet()
+    unet = tiny_pipeline().unet
     unet.add_adapter(lora_config(TrainParams(lora_target="all", lora_target_modules=["to_v"])))
     assert all(".to_v.lora_" in n for n, p in unet.named_parameters() if "lora_" in n)
 
 
 def test_dora_adds_magnitude_vectors(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    unet = tiny_unet()
+    unet = tiny_pipeline().unet
     unet.add_adapter(lora_config(TrainParams(use_dora=True)))
     assert any("lora_magnitude_vector" in n for n, _ in unet.named_parameters())
     trained = train_with(project, monkeypatch, use_dora=True)
@@ -153,7 +145,7 @@ def test_dora_adds_magnitude_vectors(project: Path, monkeypatch: pytest.MonkeyPa
 
 def test_init_types() -> None:
     def adapter(init: str) -> tuple[torch.nn.Module, dict]:
-        unet = tiny_unet()
+        unet = tiny_pipeline().unet
         torch.manual_seed(0)
         unet.add_adapter(lora_config(TrainParams(lora_init_type=init)))
         return unet, get_peft_model_state_dict(unet)
@@ -168,10 +160,10 @@ def test_init_types() -> None:
     assert any(t.any() for k, t in pissa.items() if "lora_B" in k)  # principal components
 
 
-def test_pissa_export_applies_to_the_original_base() -> None:
+def test_pissa_export_applies_to_the_original_base(tmp_path: Path) -> None:
     """A PiSSA adapter is trained on a modified base; the exported LoRA reproduces base + training on
     the untouched model."""
-    unet = tiny_unet()
+    unet = tiny_pipeline().unet
     unet.add_adapter(lora_config(TrainParams(lora_init_type="pissa", lora_rank=4)))
     initial = {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
     with torch.no_grad():
@@ -192,14 +184,9 @@ def test_pissa_export_applies_to_the_original_base() -> None:
         with torch.no_grad():
             return model(sample, torch.tensor([500]), cond, added_cond_kwargs=added).sample
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        save_unet_lora(unet, Path(folder), initial)
-        pipeline = StableDiffusionXLPipeline.from_pretrained(
-            model_path(pin_model(TINY_SDXL)), use_safetensors=True
-        )
-        pipeline.load_lora_weights(folder)
+    save_unet_lora(unet, tmp_path, initial)
+    pipeline = tiny_pipeline()
+    pipeline.load_lora_weights(str(tmp_path))
     torch.testing.assert_close(output(pipeline.unet), output(unet), atol=1e-4, rtol=1e-4)
 
 
@@ -250,3 +237,4 @@ def test_init_lora_must_be_safetensors(
     pickle.write_bytes(b"not loaded")
     with pytest.raises(UserError, match="only safetensors"):
         train_with(project, monkeypatch, init_lora=str(pickle))
+

@@ -146,7 +146,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cpu_launch(),
     )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
 
     # Data: the cached latents (or the VAE, with vae_cache_disable) and text embeds of the train
@@ -161,7 +161,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             f"train.train_batch_size is {cfg.train_batch_size} but the train split has only "
             f"{len(rows)} images; lower the batch size or add images"
         )
-    latents = open_latents(params.encode, lock, rows, accelerator.device)
+    latents = open_latents(params.encode, lock, rows, device)
     texts = TextCache.open(paths.TEXT)
     order = BatchOrder(rows, cfg.train_batch_size * world, cfg.seed)
     max_steps = total_steps(cfg, order)
@@ -197,7 +197,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     ema = [p.detach().clone() for p in lora_params] if cfg.use_ema else None
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(cfg, lora_params, accelerator.device)
+    optimizer = make_optimizer(cfg, lora_params, device)
     # Stepped once per optimizer step by hand (not prepared), so its count is the step count.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -219,7 +219,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=True))
         if ema is not None:
             saved = load_file(checkpoint / "ema.safetensors")
-            ema = [saved[str(i)].to(accelerator.device) for i in range(len(ema))]
+            ema = [saved[str(i)].to(device) for i in range(len(ema))]
         start_step = json.loads((checkpoint / "state.json").read_text())["step"]
         accelerator.print(f"resuming from {checkpoint} (step {start_step})")
     elif accelerator.is_main_process:
@@ -242,7 +242,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
         pipeline = load_pipeline(
             lock, scheduler_overrides=cfg.scheduler_overrides, unet=accelerator.unwrap_model(unet)
-        ).to(accelerator.device)
+        ).to(device)
         if validation.validation_steps and start_step == 0:
             with without_adapters(accelerator.unwrap_model(unet)):
                 save_validation_grid(pipeline, validation, 0, accelerator)
@@ -261,7 +261,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         disable=not accelerator.is_main_process,
     )
     for step in progress:
-        step_loss = torch.zeros((), device=accelerator.device)
+        step_loss = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
             # Every random draw is derived from (seed, position, sample), never from RNG history,
             # so resuming at any step is exact and N processes draw what one process would.
@@ -284,21 +284,21 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                     ]
                 )
                 timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
-                perturbation = (
-                    torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
+                # input_perturbation noises the input more than the target says (drawn only when on)
+                input_noise = (
+                    noise
+                    + cfg.input_perturbation
+                    * torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
                     if cfg.input_perturbation
-                    else torch.zeros_like(noise)
+                    else noise
                 )
-                noisy = noise_scheduler.add_noise(
-                    clean, noise + cfg.input_perturbation * perturbation, timesteps
-                )
+                noisy = noise_scheduler.add_noise(clean, input_noise, timesteps)
                 target = training_target(noise_scheduler, clean, noise, timesteps)
                 weights = (
                     snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
                     if cfg.snr_gamma
                     else torch.ones(len(batch))
                 )
-            device = accelerator.device
 
             with accelerator.accumulate(unet), accelerator.autocast():
                 with record_function("forward"):
@@ -326,7 +326,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             torch._foreach_lerp_(ema, [p.detach() for p in lora_params], 1 - cfg.ema_decay)
 
         # One sync per step, for the log and for an interrupt seen by any process.
-        stats = torch.stack([step_loss, torch.tensor(float(interrupt.is_set()), device=accelerator.device)])
+        stats = torch.stack([step_loss, torch.tensor(float(interrupt.is_set()), device=device)])
         loss_value, interrupted = accelerator.reduce(stats, reduction="mean").tolist()
         if not math.isfinite(loss_value):
             raise UserError(
