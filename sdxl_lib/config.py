@@ -207,6 +207,10 @@ class TrainParams(Section):
     lora_init_type: Literal["default", "gaussian", "pissa", "olora"] = "default"
     # Continue from this LoRA (.safetensors, diffusers or kohya format); its rank, alpha and targets win.
     init_lora: str | None = None
+    # Also train LoRAs on both text encoders (the preset's attention / MLP layers, same rank); the
+    # captions are then encoded online each step instead of read from the text cache.
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(None, gt=0)  # None: learning_rate (as kohya)
     # Optimisation
     optimizer: Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor", "adamw_schedulefree"] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)

@@ -10,7 +10,7 @@ from conftest import tiny_pipeline
 from peft import LoraConfig
 
 from sdxl_lib.config import TrainParams
-from sdxl_lib.export import save_unet_lora
+from sdxl_lib.export import save_lora
 from sdxl_lib.train.lora import lora_config
 
 
@@ -18,7 +18,7 @@ def test_alpha_survives_the_round_trip(tmp_path: Path) -> None:
     trained = tiny_pipeline()
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
     trained.unet.add_adapter(config)
-    save_unet_lora(trained.unet, tmp_path)
+    save_lora({"unet": trained.unet}, tmp_path)
     loaded = tiny_pipeline()
     loaded.load_lora_weights(str(tmp_path))
     scalings = [
@@ -36,7 +36,7 @@ def test_nan_lora_is_never_exported(tmp_path: Path) -> None:
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
     next(p for n, p in unet.named_parameters() if "lora_B" in n).data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        save_unet_lora(unet, tmp_path)
+        save_lora({"unet": unet}, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -50,7 +50,7 @@ def test_every_trained_module_loads_back(preset: str, use_dora: bool, tmp_path: 
         for name, p in trained.unet.named_parameters():
             if "lora_" in name:
                 p.add_(0.01 * torch.randn_like(p))  # as if trained
-    save_unet_lora(trained.unet, tmp_path)
+    save_lora({"unet": trained.unet}, tmp_path)
     loaded = tiny_pipeline()
     loaded.load_lora_weights(str(tmp_path))
     original = {n.replace(".default", ""): p for n, p in trained.unet.named_parameters() if "lora_" in n}

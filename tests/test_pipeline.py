@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import torch
 from conftest import BIN, new_project, read_json, run, set_params
 from diffusers import StableDiffusionXLPipeline
@@ -254,8 +256,33 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     assert Image.open(grids[-1]).size == (256 + 384, 4 * 256)  # a column per resolution
 
 
+def test_text_encoder_lora_trains_and_evaluates_under_dvc(demo_project: Path, tmp_path: Path) -> None:
+    """train_text_encoder with the GPU settings (bf16, gradient checkpointing); evaluate then encodes
+    the captions with the LoRA's text encoders, and scores it apart from the base."""
+    project = tmp_path / "text_encoder"
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(
+        project,
+        {
+            "train.train_text_encoder": True,
+            "train.mixed_precision": "bf16",
+            "train.gradient_checkpointing": True,
+            "train.max_train_steps": 3,
+            "train.validate_at_end": False,
+        },
+    )
+    result = run(["dvc", "repro"], project)
+    assert "captions are encoded online" in result.stdout
+    lora = load_file(project / "models/lora" / LORA_WEIGHTS)
+    assert {key.split(".", 1)[0] for key in lora} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(torch.isfinite(t).all() for t in lora.values())
+    metrics = read_json(project / "metrics/evaluate/metrics.json")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] != metrics["eval_loss_base"]
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_two_process_training_matches_one_process_with_the_doubled_batch(
-    demo_project: Path, tmp_path: Path
+    demo_project: Path, tmp_path: Path, train_text_encoder: bool
 ) -> None:
     """`torchrun` / `accelerate launch` start a real distributed (gloo) run; the main process writes,
     and 2 processes x batch 2 train what 1 process x batch 4 does (to float tolerance: the gradient
@@ -263,7 +290,13 @@ def test_two_process_training_matches_one_process_with_the_doubled_batch(
     project = tmp_path / "ddp"
     shutil.copytree(demo_project, project, symlinks=True)
     set_params(
-        project, {"train.max_train_steps": 3, "train.validate_at_end": False, "train.train_batch_size": 4}
+        project,
+        {
+            "train.max_train_steps": 3,
+            "train.validate_at_end": False,
+            "train.train_batch_size": 4,
+            "train.train_text_encoder": train_text_encoder,
+        },
     )
     run(["sdxl-lora", "train"], project)
     single = load_file(project / "models/lora" / LORA_WEIGHTS)

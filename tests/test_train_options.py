@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from sdxl_lib import paths
 from sdxl_lib.config import TrainParams, parse_params
 from sdxl_lib.errors import UserError
-from sdxl_lib.export import LORA_WEIGHTS, save_unet_lora
+from sdxl_lib.export import LORA_WEIGHTS, save_lora
 from sdxl_lib.sources import model_path, read_lock
 from sdxl_lib.train.loop import train
 from sdxl_lib.train.lora import TARGET_PRESETS, lora_config
@@ -41,7 +41,9 @@ def train_with(project: Path, monkeypatch: pytest.MonkeyPatch, **overrides: obje
     """Train STEPS steps in `project` with train.<key> overrides; returns the LoRA tensors."""
     monkeypatch.chdir(project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["train"].update(max_train_steps=STEPS, validate_at_end=False, checkpointing_steps=1000, **overrides)
+    raw["train"].update(
+        {"max_train_steps": STEPS, "validate_at_end": False, "checkpointing_steps": 1000, **overrides}
+    )
     train(parse_params(raw), read_lock(paths.LOCK))
     return load_file(project / paths.LORA / LORA_WEIGHTS)
 
@@ -184,7 +186,7 @@ def test_pissa_export_applies_to_the_original_base(tmp_path: Path) -> None:
         with torch.no_grad():
             return model(sample, torch.tensor([500]), cond, added_cond_kwargs=added).sample
 
-    save_unet_lora(unet, tmp_path, initial)
+    save_lora({"unet": unet}, tmp_path, {"unet": initial})
     pipeline = tiny_pipeline()
     pipeline.load_lora_weights(str(tmp_path))
     torch.testing.assert_close(output(pipeline.unet), output(unet), atol=1e-4, rtol=1e-4)
@@ -238,3 +240,50 @@ def test_init_lora_must_be_safetensors(
     with pytest.raises(UserError, match="only safetensors"):
         train_with(project, monkeypatch, init_lora=str(pickle))
 
+
+def lora_b(lora: dict, prefix: str) -> list[torch.Tensor]:
+    return [t for k, t in lora.items() if k.startswith(prefix) and "lora_B" in k]
+
+
+def test_train_text_encoder_trains_both_encoders_and_loads_in_diffusers(
+    project: Path, baseline: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    trained = train_with(project, monkeypatch, train_text_encoder=True)
+    assert "captions are encoded online" in capsys.readouterr().out
+    unet_keys = {k for k in trained if k.startswith("unet.")}
+    assert unet_keys == baseline.keys()
+    # From the second step on, the U-Net is conditioned by the encoders being trained.
+    assert any(not torch.equal(trained[k], baseline[k]) for k in unet_keys)
+    for prefix in ("text_encoder.", "text_encoder_2."):
+        assert any(t.any() for t in lora_b(trained, prefix)), f"{prefix} LoRA did not move from zero"
+    pipeline = tiny_pipeline()
+    ids = pipeline.tokenizer_2(["a photo"], padding="max_length", return_tensors="pt").input_ids
+    before = pipeline.text_encoder_2(ids)[0]
+    pipeline.load_lora_weights(str(project / paths.LORA))
+    encoders = {"text_encoder.": pipeline.text_encoder, "text_encoder_2.": pipeline.text_encoder_2}
+    for prefix, encoder in encoders.items():
+        loaded = sum(".lora_A." in n for n, _ in encoder.named_parameters())
+        assert loaded == sum(k.startswith(prefix) and "lora_A" in k for k in trained) > 0
+    assert not torch.allclose(pipeline.text_encoder_2(ids)[0], before)
+
+
+def test_text_encoder_lr_is_the_encoders_own(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = train_with(project, monkeypatch, train_text_encoder=True, text_encoder_lr=1e-30)
+    assert all(t.abs().max() < 1e-20 for t in lora_b(trained, "text_encoder"))
+    assert any(t.abs().max() > 1e-6 for t in lora_b(trained, "unet."))
+
+
+def test_text_encoder_training_resumes_exactly(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    settings = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2}
+    uninterrupted = train_with(project, monkeypatch, **settings)
+    ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
+    shutil.rmtree(project / paths.LORA)
+    capsys.readouterr()
+    resumed = train_with(project, monkeypatch, **settings)
+    assert "(step 2)" in capsys.readouterr().out
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    resumed_ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
+    assert all(torch.equal(resumed_ema[k], ema[k]) for k in ema)

@@ -29,12 +29,12 @@ def caption_key(caption: str, encoder_identity: str) -> str:
     return hashlib.sha256(json.dumps([caption, encoder_identity]).encode()).hexdigest()[:32]
 
 
-@torch.no_grad()
 def encode_prompts(
     tokenizers: list[CLIPTokenizer], encoders: list[torch.nn.Module], captions: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's conditioning: both encoders' penultimate hidden states concatenated, and encoder 2's
-    pooled projection. Captions longer than 77 tokens are truncated, as the SDXL pipeline does."""
+    pooled projection. Captions longer than 77 tokens are truncated, as the SDXL pipeline does.
+    Differentiable (train_text_encoder); the cache calls it under no_grad."""
     hidden_states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
         ids = tokenizer(
@@ -43,7 +43,7 @@ def encode_prompts(
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(encoder.device)
+        ).input_ids.to(next(encoder.parameters()).device)  # also for a DDP-wrapped encoder
         output = encoder(ids, output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])
         pooled = output[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
@@ -76,6 +76,7 @@ def encode_captions(
         [(keys[c], c) for c in missing[i : i + batch_size]] for i in range(0, len(missing), batch_size)
     ]
 
+    @torch.no_grad()
     def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
         prompt_embeds, pooled = encode_prompts(tokenizers, encoders, batch)
         return [

@@ -3,12 +3,13 @@ checkpoint is scored on exactly the same noisy inputs and the numbers are compar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents
-from sdxl_lib.cache.text import TextCache
 from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target
 
 
@@ -24,13 +25,14 @@ def eval_loss_by_timestep(
     scheduler: DDPMScheduler,
     rows: list[dict],
     latents: LatentCache | OnlineLatents,
-    texts: TextCache,
+    conditioning: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
     scaling: tuple[float, float],
     timesteps: torch.Tensor,
     seed: int,
     batch_size: int,
 ) -> torch.Tensor:
-    """Mean MSE over the rows, one value per timestep. Noise depends only on (seed, sample id)."""
+    """Mean MSE over the rows, one value per timestep. Noise depends only on (seed, sample id).
+    `conditioning(caption)` gives its (prompt_embeds, pooled_prompt_embeds)."""
     scale, shift = scaling
     dtype = unet.dtype
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
@@ -38,7 +40,7 @@ def eval_loss_by_timestep(
         generator = torch.Generator().manual_seed(derived_seed(seed, row["sample_id"]))
         clean = (sample_posterior(*latents.posterior(row["variant_id"]), generator) - shift) * scale
         noise = torch.randn((len(timesteps), *clean.shape), generator=generator)
-        prompt_embeds, pooled = texts.embeds(row["caption"])
+        prompt_embeds, pooled = conditioning(row["caption"])
         for start in range(0, len(timesteps), batch_size):
             t = timesteps[start : start + batch_size]
             n = len(t)

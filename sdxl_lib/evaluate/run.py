@@ -10,13 +10,13 @@ import torch
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import open_latents
-from sdxl_lib.cache.text import TextCache
+from sdxl_lib.cache.text import TextCache, encode_prompts
 from sdxl_lib.config import Params
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.clip_score import ClipScorer
 from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
-from sdxl_lib.export import LORA_WEIGHTS
+from sdxl_lib.export import LORA_WEIGHTS, lora_components
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline
 from sdxl_lib.sources import model_path, pin_model
 
@@ -43,6 +43,20 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
     pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides)
+    online = bool(lora_components(paths.LORA / LORA_WEIGHTS) - {"unet"})
+
+    def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached embeds, or, for a LoRA with text-encoder weights, the pipeline's encoders as they
+        stand (base, then with the LoRA loaded), for base and LoRA alike."""
+        if not online:
+            return texts.embeds(caption)
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(
+                [pipeline.tokenizer, pipeline.tokenizer_2],
+                [pipeline.text_encoder, pipeline.text_encoder_2],
+                [caption],
+            )
+        return embeds[0], pooled[0]
 
     results: dict[str, torch.Tensor] = {}
     for name in ("base", "lora"):
@@ -53,7 +67,7 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
             scheduler,
             rows,
             latents,
-            texts,
+            conditioning,
             latent_scaling(lock),
             timesteps,
             params.evaluate.eval_seed,

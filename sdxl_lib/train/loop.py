@@ -11,32 +11,39 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers import StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from dvclive import Live
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.profiler import record_function
 from tqdm import tqdm
+from transformers import CLIPTokenizer
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents, open_latents
 from sdxl_lib.cache.shards import INDEX
-from sdxl_lib.cache.text import TextCache
+from sdxl_lib.cache.text import TextCache, encode_prompts
 from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
-from sdxl_lib.export import save_unet_lora
-from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline, load_unet
+from sdxl_lib.export import lora_state, save_lora
+from sdxl_lib.models.loading import (
+    latent_scaling,
+    load_noise_scheduler,
+    load_pipeline,
+    load_text_encoders,
+    load_unet,
+)
 from sdxl_lib.train.lora import load_init_lora, lora_config
 from sdxl_lib.train.optimizers import make_optimizer, set_optimizer_mode
 from sdxl_lib.train.utils import (
@@ -80,7 +87,7 @@ def latest_checkpoint(fingerprint: str) -> Path | None:
 
 
 def save_checkpoint(
-    unet: torch.nn.Module,
+    models: dict[str, torch.nn.Module],
     optimizer: Any,
     lr_scheduler: Any,
     ema: list[torch.Tensor] | None,
@@ -93,7 +100,8 @@ def save_checkpoint(
     for stale in paths.CHECKPOINTS.glob(".tmp-*"):  # a checkpoint being written when a run was killed
         shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(dir=paths.CHECKPOINTS, prefix=".tmp-"))
-    save_file(get_peft_model_state_dict(unet), str(tmp / "lora.safetensors"))
+    for name, model in models.items():
+        save_file(lora_state(model), str(tmp / f"{name}.safetensors"))
     if ema is not None:
         save_file({str(i): t.cpu() for i, t in enumerate(ema)}, str(tmp / "ema.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -108,26 +116,30 @@ def batch_inputs(
     batch: list[dict],
     generators: list[torch.Generator],
     latents: LatentCache | OnlineLatents,
-    texts: TextCache,
+    texts: TextCache | None,
     scaling: tuple[float, float],
     caption_dropout_probability: float = 0.0,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
     """A batch's clean UNet inputs on the CPU: a fresh draw from each cached posterior, scaled as the
-    VAE says, with its text conditioning (the empty caption's when dropped) and SDXL time ids. Each
-    sample's random draws come from its own generator."""
+    VAE says, its captions (empty when dropped) with their cached conditioning (unless `texts` is
+    None: train_text_encoder encodes them itself) and SDXL time ids. Each sample's random draws come
+    from its own generator."""
     scale, shift = scaling
     model_input, captions = [], []
     for row, generator in zip(batch, generators, strict=True):
         model_input.append(sample_posterior(*latents.posterior(row["variant_id"]), generator))
         dropped = torch.rand((), generator=generator).item() < caption_dropout_probability
         captions.append("" if dropped else row["caption"])
-    embeds = [texts.embeds(caption) for caption in captions]
-    return {
+    inputs: dict[str, Any] = {
         "model_input": (torch.stack(model_input) - shift) * scale,
-        "prompt_embeds": torch.stack([e[0] for e in embeds]),
-        "pooled_prompt_embeds": torch.stack([e[1] for e in embeds]),
         "time_ids": torch.stack([time_ids(row) for row in batch]),
+        "captions": captions,
     }
+    if texts is not None:
+        embeds = [texts.embeds(caption) for caption in captions]
+        inputs["prompt_embeds"] = torch.stack([e[0] for e in embeds])
+        inputs["pooled_prompt_embeds"] = torch.stack([e[1] for e in embeds])
+    return inputs
 
 
 def total_steps(cfg: TrainParams, order: BatchOrder) -> int:
@@ -145,6 +157,9 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=cpu_launch(),
+        # Text encoder 1's last layer feeds nothing SDXL uses (it takes the penultimate hidden
+        # states), so its LoRA gets no gradient; DDP must be told to expect that.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)],
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
@@ -162,12 +177,13 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             f"{len(rows)} images; lower the batch size or add images"
         )
     latents = open_latents(params.encode, lock, rows, device)
-    texts = TextCache.open(paths.TEXT)
+    texts = None if cfg.train_text_encoder else TextCache.open(paths.TEXT)
     order = BatchOrder(rows, cfg.train_batch_size * world, cfg.seed)
     max_steps = total_steps(cfg, order)
     scaling = latent_scaling(lock)
 
-    # Model: frozen UNet in the compute dtype, LoRA weights in fp32.
+    # Model: the frozen U-Net (and text encoders, with train_text_encoder) in the compute dtype,
+    # LoRA weights in fp32. `models` holds what is trained, by pipeline component name.
     noise_scheduler = load_noise_scheduler(lock, **cfg.scheduler_overrides)
     prediction_type = noise_scheduler.config.prediction_type
     probabilities = timestep_weights(
@@ -178,26 +194,44 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         cfg.timestep_bias_end,
         cfg.timestep_bias_portion,
     )
-    unet = load_unet(lock, dtype).requires_grad_(False)
+    models: dict[str, torch.nn.Module] = {"unet": load_unet(lock, dtype).requires_grad_(False)}
+    tokenizers: list[CLIPTokenizer] = []
+    if cfg.train_text_encoder:
+        tokenizers, encoders = load_text_encoders(lock, dtype)
+        models.update(text_encoder=encoders[0], text_encoder_2=encoders[1])
+        accelerator.print(
+            "train: train_text_encoder is on, so captions are encoded online by the text encoders "
+            "being trained (the text cache is not read)"
+        )
     torch.manual_seed(cfg.seed)  # LoRA init
-    if cfg.init_lora:
-        load_init_lora(unet, cfg.init_lora)
+    loaded = load_init_lora(models, cfg.init_lora) if cfg.init_lora else set()
+    if loaded:
         accelerator.print(f"train: continuing from {cfg.init_lora} (its rank, alpha and targets)")
-    else:
-        unet.add_adapter(lora_config(cfg))
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for name, model in models.items():
+        if name not in loaded:
+            model.add_adapter(lora_config(cfg, text_encoder=name != "unet"))
+    trainable = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
+    lora_params = [p for params in trainable.values() for p in params]
     for p in lora_params:
         p.data = p.data.float()
     # PiSSA/OLoRA start from the base weights; the export needs that start to undo it.
     initial = (
-        {k: v.clone() for k, v in get_peft_model_state_dict(unet).items()}
+        {name: {k: v.clone() for k, v in lora_state(m).items()} for name, m in models.items()}
         if cfg.lora_init_type in ("pissa", "olora")
         else None
     )
     ema = [p.detach().clone() for p in lora_params] if cfg.use_ema else None
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(cfg, lora_params, device)
+        for name, model in models.items():
+            if name == "unet":
+                model.enable_gradient_checkpointing()
+            else:  # non-reentrant: the frozen embeddings give the LoRA layers no grad-requiring input
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+    groups = [{"params": trainable["unet"]}]
+    if cfg.train_text_encoder:
+        encoder_params = trainable["text_encoder"] + trainable["text_encoder_2"]
+        groups.append({"params": encoder_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    optimizer = make_optimizer(cfg, groups, device)
     # Stepped once per optimizer step by hand (not prepared), so its count is the step count.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
@@ -207,14 +241,17 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         num_cycles=cfg.lr_num_cycles,
         power=cfg.lr_power,
     )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
+    models = dict(zip(models, prepared, strict=True))  # DDP-wrapped when distributed
+    unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
 
     # Resume automatically from a checkpoint of this same run (e.g. `dvc repro` after a crash).
     fingerprint = run_fingerprint(params, lock)
     start_step = 0
     checkpoint = latest_checkpoint(fingerprint)
     if checkpoint is not None:
-        set_peft_model_state_dict(accelerator.unwrap_model(unet), load_file(checkpoint / "lora.safetensors"))
+        for name, model in unwrapped.items():
+            set_peft_model_state_dict(model, load_file(checkpoint / f"{name}.safetensors"))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         lr_scheduler.load_state_dict(torch.load(checkpoint / "lr_scheduler.pt", weights_only=True))
         if ema is not None:
@@ -240,15 +277,12 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     validation = params.validation
     pipeline = None
     if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
-        pipeline = load_pipeline(
-            lock, scheduler_overrides=cfg.scheduler_overrides, unet=accelerator.unwrap_model(unet)
-        ).to(device)
+        pipeline = load_pipeline(lock, scheduler_overrides=cfg.scheduler_overrides, **unwrapped).to(device)
         if validation.validation_steps and start_step == 0:
-            with without_adapters(accelerator.unwrap_model(unet)):
+            with without_adapters(unwrapped.values()):
                 save_validation_grid(pipeline, validation, 0, accelerator)
 
-    unet.train()
-    set_optimizer_mode(optimizer, training=True)
+    set_training(models.values(), optimizer, True)
     loss_value = float("nan")
     started = time.perf_counter()
     interrupt = checkpoint_on_first_sigint()
@@ -300,14 +334,19 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                     else torch.ones(len(batch))
                 )
 
-            with accelerator.accumulate(unet), accelerator.autocast():
+            with accelerator.accumulate(*models.values()), accelerator.autocast():
                 with record_function("forward"):
-                    prediction = unet(
+                    if tokenizers:  # train_text_encoder: the conditioning is being trained too
+                        encoders = [models["text_encoder"], models["text_encoder_2"]]
+                        prompt_embeds, pooled = encode_prompts(tokenizers, encoders, inputs["captions"])
+                    else:
+                        prompt_embeds, pooled = inputs["prompt_embeds"], inputs["pooled_prompt_embeds"]
+                    prediction = models["unet"](
                         noisy.to(device, dtype),
                         timesteps.to(device),
-                        inputs["prompt_embeds"].to(device, dtype),
+                        prompt_embeds.to(device, dtype),
                         added_cond_kwargs={
-                            "text_embeds": inputs["pooled_prompt_embeds"].to(device, dtype),
+                            "text_embeds": pooled.to(device, dtype),
                             "time_ids": inputs["time_ids"].to(device, dtype),
                         },
                     ).sample
@@ -341,17 +380,15 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         done = step + 1
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
-            unet.eval()
-            set_optimizer_mode(optimizer, training=False)
+            set_training(models.values(), optimizer, False)
             save_validation_grid(pipeline, validation, done, accelerator)
-            set_optimizer_mode(optimizer, training=True)
-            unet.train()
+            set_training(models.values(), optimizer, True)
         stopping = interrupted > 0 and done < max_steps
         if (done % cfg.checkpointing_steps == 0 or stopping) and done < max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_checkpoint(
-                    accelerator.unwrap_model(unet),
+                    unwrapped,
                     optimizer,
                     lr_scheduler,
                     ema,
@@ -368,14 +405,13 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     accelerator.wait_for_everyone()
     train_seconds = time.perf_counter() - started
-    set_optimizer_mode(optimizer, training=False)  # schedule-free: export the averaged weights
+    set_training(models.values(), optimizer, False)  # schedule-free: export the averaged weights
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet)
         shutil.rmtree(paths.LORA, ignore_errors=True)
-        save_unet_lora(final_unet, paths.LORA, initial)
+        save_lora(unwrapped, paths.LORA, initial)
         if ema is not None:
             with swapped_in(lora_params, ema):
-                save_unet_lora(final_unet, paths.LORA / "ema", initial)
+                save_lora(unwrapped, paths.LORA / "ema", initial)
         paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)  # a DVC output, even if left empty
         assert live is not None
         live.summary["final_train_loss"] = loss_value
@@ -426,14 +462,24 @@ def save_validation_grid(
     image_grid(images, len(validation.sizes)).save(paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
 
 
+def set_training(models: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """Train or eval mode for the trained models and the optimizer (schedule-free has both)."""
+    for model in models:
+        model.train(training)
+    set_optimizer_mode(optimizer, training)
+
+
 @contextmanager
-def without_adapters(unet: torch.nn.Module) -> Iterator[None]:
+def without_adapters(models: Iterable[torch.nn.Module]) -> Iterator[None]:
     """The base model, for step-0 images (an adapter may not start as a no-op: gaussian, PiSSA)."""
-    unet.disable_adapters()
+    models = list(models)
+    for model in models:
+        model.disable_adapters()
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for model in models:
+            model.enable_adapters()
 
 
 @contextmanager

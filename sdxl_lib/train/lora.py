@@ -23,6 +23,12 @@ TARGET_PRESETS = {
         *["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"],
     ],
 }
+# The CLIP text encoders' counterparts (train_text_encoder): attention, then the MLP too.
+TEXT_ENCODER_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
 INIT_WEIGHTS: dict[str, bool | str] = {
     "default": True,
     "gaussian": "gaussian",
@@ -35,30 +41,43 @@ def target_modules(cfg: TrainParams) -> list[str]:
     return cfg.lora_target_modules or TARGET_PRESETS[cfg.lora_target]
 
 
-def lora_config(cfg: TrainParams) -> LoraConfig:
+def lora_config(cfg: TrainParams, text_encoder: bool = False) -> LoraConfig:
+    """The U-Net's adapter, or with `text_encoder` the text encoders' (an explicit
+    `lora_target_modules` list names U-Net modules, so the encoders keep the preset's)."""
     return LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha or cfg.lora_rank,
         lora_dropout=cfg.lora_dropout,
         init_lora_weights=INIT_WEIGHTS[cfg.lora_init_type],
-        target_modules=target_modules(cfg),
+        target_modules=TEXT_ENCODER_TARGETS[cfg.lora_target] if text_encoder else target_modules(cfg),
         use_dora=cfg.use_dora,
     )
 
 
-def load_init_lora(unet: torch.nn.Module, path: str) -> None:
+def load_init_lora(models: dict[str, torch.nn.Module], path: str) -> set[str]:
     """Make an existing LoRA the adapter to train, read the way diffusers' `load_lora_weights` reads it
-    (which also converts kohya / A1111 files); it keeps its own rank, alpha and targets."""
+    (which also converts kohya / A1111 files); it keeps its own rank, alpha and targets. `models` are
+    the components being trained by name (unet, text_encoder, text_encoder_2); returns the names the
+    file gave an adapter (the U-Net always; a text encoder if the file has its weights)."""
     file = Path(path)
     if file.suffix != ".safetensors" or not file.is_file():
         raise UserError(f"train.init_lora: {path} is not a .safetensors file (only safetensors are loaded)")
     state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
-        str(file.parent), weight_name=file.name, return_lora_metadata=True
+        str(file.parent), weight_name=file.name, unet_config=models["unet"].config, return_lora_metadata=True
     )
     if not any(key.startswith("unet.") for key in state):
         raise UserError(f"train.init_lora: {path} holds no U-Net LoRA weights")
     StableDiffusionXLPipeline.load_lora_into_unet(
-        state, alphas, unet, adapter_name="default", metadata=metadata
+        state, alphas, models["unet"], adapter_name="default", metadata=metadata
     )
-    for name, parameter in unet.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    loaded = {"unet"}
+    for name, encoder in models.items():
+        if name != "unet" and any(key.startswith(f"{name}.") for key in state):
+            StableDiffusionXLPipeline.load_lora_into_text_encoder(
+                state, alphas, encoder, prefix=name, adapter_name="default", metadata=metadata
+            )
+            loaded.add(name)
+    for name in loaded:
+        for parameter_name, parameter in models[name].named_parameters():
+            parameter.requires_grad_("lora_" in parameter_name)
+    return loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch
 
@@ -11,8 +12,9 @@ from sdxl_lib.errors import UserError
 
 
 def make_optimizer(
-    cfg: TrainParams, params: list[torch.nn.Parameter], device: torch.device
+    cfg: TrainParams, params: list[torch.nn.Parameter] | list[dict[str, Any]], device: torch.device
 ) -> torch.optim.Optimizer:
+    """`params`: the parameters, or param groups (a group's own "lr" wins over learning_rate)."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     adam = {
         "lr": cfg.learning_rate,
