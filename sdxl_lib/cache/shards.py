@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,7 +155,7 @@ def cached_shards(directory: Path) -> dict[str, str]:
     return dict(zip(table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True))
 
 
-def prefetched(function: Callable[[T], R], items: list[T], depth: int = 0) -> Iterator[R]:
+def prefetched(function: Callable[[T], R], items: Iterable[T], depth: int = 0) -> Iterator[R]:
     """`function(item)` for each item, in order, computed up to `depth` items ahead on threads
     (default: one per core). Image decoding and resizing release the GIL, so they overlap the
     model's work; the bounded lookahead keeps memory flat however many items there are."""

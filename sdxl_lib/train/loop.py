@@ -30,7 +30,7 @@ from transformers import CLIPTokenizer
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents, open_latents
-from sdxl_lib.cache.shards import INDEX
+from sdxl_lib.cache.shards import INDEX, prefetched
 from sdxl_lib.cache.text import TextCache, encode_prompts
 from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
@@ -282,6 +282,55 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             with without_adapters(unwrapped.values()):
                 save_validation_grid(pipeline, validation, 0, accelerator)
 
+    accumulation = cfg.gradient_accumulation_steps
+    pin = device.type == "cuda"
+
+    def micro_batch(position: int) -> dict[str, Any]:
+        """Everything micro-batch `position` feeds the model: noisy input, timesteps, target, loss
+        weights and conditioning. Every random draw comes from a generator of (seed, position,
+        sample), never from RNG history, so resuming at any step is exact, N processes draw what one
+        would, and batches can be made ahead on a thread; pinned, their copy to the GPU is async."""
+        with record_function("data_prefetch"):
+            global_batch, samples = order[position], range(rank, cfg.train_batch_size * world, world)
+            generators = [torch.Generator().manual_seed(derived_seed(cfg.seed, position, j)) for j in samples]
+            inputs = batch_inputs(
+                [global_batch[j] for j in samples],
+                generators,
+                latents,
+                texts,
+                scaling,
+                cfg.caption_dropout_probability,
+            )
+            clean = inputs.pop("model_input")
+            noise = torch.stack(
+                [
+                    draw_noise(clean.shape[1:], g, cfg.noise_offset, cfg.noise_offset_probability)
+                    for g in generators
+                ]
+            )
+            timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
+            # input_perturbation noises the input more than the target says (drawn only when on)
+            input_noise = (
+                noise
+                + cfg.input_perturbation
+                * torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
+                if cfg.input_perturbation
+                else noise
+            )
+            inputs.update(
+                noisy=noise_scheduler.add_noise(clean, input_noise, timesteps),
+                timesteps=timesteps,
+                target=training_target(noise_scheduler, clean, noise, timesteps),
+                weights=(
+                    snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
+                    if cfg.snr_gamma
+                    else torch.ones(len(timesteps))
+                ),
+            )
+            return {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in inputs.items()}
+
+    # Up to two micro-batches are made ahead on threads, so the model does not wait for data.
+    micro_batches = prefetched(micro_batch, range(start_step * accumulation, max_steps * accumulation), 2)
     set_training(models.values(), optimizer, True)
     loss_value = float("nan")
     started = time.perf_counter()
@@ -296,43 +345,13 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     )
     for step in progress:
         step_loss = torch.zeros((), device=device)
-        for micro in range(cfg.gradient_accumulation_steps):
-            # Every random draw is derived from (seed, position, sample), never from RNG history,
-            # so resuming at any step is exact and N processes draw what one process would.
+        for micro in range(accumulation):
             with record_function("data"):  # labels for bench/train_step.py's profile
-                position = step * cfg.gradient_accumulation_steps + micro
-                global_batch, samples = order[position], range(rank, cfg.train_batch_size * world, world)
-                batch = [global_batch[j] for j in samples]
-                generators = [
-                    torch.Generator().manual_seed(derived_seed(cfg.seed, position, j)) for j in samples
-                ]
-                torch.manual_seed(derived_seed(cfg.seed, "dropout", position, rank))
-                inputs = batch_inputs(
-                    batch, generators, latents, texts, scaling, cfg.caption_dropout_probability
-                )
-                clean = inputs["model_input"]
-                noise = torch.stack(
-                    [
-                        draw_noise(clean.shape[1:], g, cfg.noise_offset, cfg.noise_offset_probability)
-                        for g in generators
-                    ]
-                )
-                timesteps = torch.cat([draw_timestep(g, probabilities) for g in generators])
-                # input_perturbation noises the input more than the target says (drawn only when on)
-                input_noise = (
-                    noise
-                    + cfg.input_perturbation
-                    * torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators])
-                    if cfg.input_perturbation
-                    else noise
-                )
-                noisy = noise_scheduler.add_noise(clean, input_noise, timesteps)
-                target = training_target(noise_scheduler, clean, noise, timesteps)
-                weights = (
-                    snr_loss_weights(snr(noise_scheduler, timesteps), cfg.snr_gamma, prediction_type)
-                    if cfg.snr_gamma
-                    else torch.ones(len(batch))
-                )
+                inputs = {
+                    k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in next(micro_batches).items()
+                }
+                torch.manual_seed(derived_seed(cfg.seed, "dropout", step * accumulation + micro, rank))
 
             with accelerator.accumulate(*models.values()), accelerator.autocast():
                 with record_function("forward"):
@@ -342,16 +361,16 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                     else:
                         prompt_embeds, pooled = inputs["prompt_embeds"], inputs["pooled_prompt_embeds"]
                     prediction = models["unet"](
-                        noisy.to(device, dtype),
-                        timesteps.to(device),
-                        prompt_embeds.to(device, dtype),
+                        inputs["noisy"].to(dtype),
+                        inputs["timesteps"],
+                        prompt_embeds.to(dtype),
                         added_cond_kwargs={
-                            "text_embeds": pooled.to(device, dtype),
-                            "time_ids": inputs["time_ids"].to(device, dtype),
+                            "text_embeds": pooled.to(dtype),
+                            "time_ids": inputs["time_ids"].to(dtype),
                         },
                     ).sample
-                    per_sample = per_sample_loss(prediction, target.to(device), cfg.loss_type, cfg.huber_c)
-                    loss = (per_sample * weights.to(device)).mean()
+                    per_sample = per_sample_loss(prediction, inputs["target"], cfg.loss_type, cfg.huber_c)
+                    loss = (per_sample * inputs["weights"]).mean()
                 with record_function("backward"):
                     accelerator.backward(loss)
                 with record_function("optimizer"):
@@ -359,7 +378,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                         accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach() / cfg.gradient_accumulation_steps
+            step_loss += loss.detach() / accumulation
         lr_scheduler.step()
         if ema is not None:
             torch._foreach_lerp_(ema, [p.detach() for p in lora_params], 1 - cfg.ema_decay)
