@@ -1,4 +1,5 @@
-"""Writing the trained LoRA in the layout `StableDiffusionXLPipeline.load_lora_weights` reads."""
+"""Writing the trained LoRA: in diffusers' layout (what `StableDiffusionXLPipeline.load_lora_weights`
+reads) and, beside it, in kohya's (what A1111, Forge and ComfyUI load)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdxl_lib.interop.kohya import to_kohya
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS = "lora_kohya.safetensors"
 # The pipeline components a LoRA can train, by the names `save_lora_weights` files them under.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -26,11 +31,13 @@ def save_lora(
     initial: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the LoRA of each model in `models` (keyed by component name: unet, text_encoder,
-    text_encoder_2), each with its rank/alpha config as metadata so alpha survives a reload.
+    text_encoder_2), each with its rank/alpha config as metadata so alpha survives a reload, in
+    `directory` as LORA_WEIGHTS (diffusers) and KOHYA_WEIGHTS.
 
     `initial`: each adapter's starting weights when it was initialised from the base weights (PiSSA,
     OLoRA); the saved LoRA is then converted to apply to the original base model."""
-    layers: dict[str, dict] = {}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    configs: dict[str, dict] = {}
     for name, model in models.items():
         state = lora_state(model)
         if any(not torch.isfinite(t).all() for t in state.values()):
@@ -41,11 +48,26 @@ def save_lora(
             metadata.update(
                 r=2 * metadata["r"], lora_alpha=2 * metadata["lora_alpha"], init_lora_weights=True
             )
+        layers[name], configs[name] = state, metadata
+    # Text encoders load through transformers' `load_adapter`, which matches DoRA magnitudes by
+    # parameter name (with `.weight`); under peft's bare name they would be silently left at init.
+    diffusers_layers = {
+        name: {
+            f"{key}.weight" if name != "unet" and key.endswith("lora_magnitude_vector") else key: tensor
+            for key, tensor in state.items()
+        }
+        for name, state in layers.items()
+    }
+    StableDiffusionXLPipeline.save_lora_weights(
+        directory,
         # peft's key names throughout: diffusers' converter renames only attention modules, and a
         # file mixing both styles loads only part of its modules back.
-        layers[f"{name}_lora_layers"] = state
-        layers[f"{name}_lora_adapter_metadata"] = metadata
-    StableDiffusionXLPipeline.save_lora_weights(directory, **layers, safe_serialization=True)
+        **{f"{name}_lora_layers": state for name, state in diffusers_layers.items()},
+        **{f"{name}_lora_adapter_metadata": config for name, config in configs.items()},
+        safe_serialization=True,
+    )
+    kohya = to_kohya(layers, configs, models["unet"].config)
+    save_file(kohya, str(directory / KOHYA_WEIGHTS), metadata={"ss_network_module": "networks.lora"})
     return directory / LORA_WEIGHTS
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from sdxl_lib import paths
 from sdxl_lib.config import TrainParams, parse_params
 from sdxl_lib.errors import UserError
-from sdxl_lib.export import LORA_WEIGHTS, save_lora
+from sdxl_lib.export import KOHYA_WEIGHTS, LORA_WEIGHTS, save_lora
 from sdxl_lib.sources import model_path, read_lock
 from sdxl_lib.train.loop import train
 from sdxl_lib.train.lora import TARGET_PRESETS, lora_config
@@ -215,12 +215,14 @@ def test_adamw8bit_off_cuda_is_a_clear_error() -> None:
         )
 
 
+@pytest.mark.parametrize("lora_format", [LORA_WEIGHTS, KOHYA_WEIGHTS])
 def test_init_lora_continues_from_a_saved_lora(
-    project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    lora_format: str, project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """From our diffusers file or our kohya file (read through diffusers' kohya converter)."""
     start = train_with(project, monkeypatch, lora_rank=4, lora_alpha=8, lora_target="attention_mlp")
     saved = tmp_path / "start.safetensors"
-    shutil.copy(project / paths.LORA / LORA_WEIGHTS, saved)
+    shutil.copy(project / paths.LORA / lora_format, saved)
     # A vanishing learning rate: the result is the file it started from, with its rank and alpha.
     kept = train_with(project, monkeypatch, init_lora=str(saved), learning_rate=1e-30)
     assert kept.keys() == start.keys()
