@@ -243,6 +243,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     )
     *prepared, optimizer = accelerator.prepare(*models.values(), optimizer)
     models = dict(zip(models, prepared, strict=True))  # DDP-wrapped when distributed
+    # train_text_encoder: the conditioning is trained too, so captions go through these each step
+    text_encoders = [models["text_encoder"], models["text_encoder_2"]] if tokenizers else []
     unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
 
     # Resume automatically from a checkpoint of this same run (e.g. `dvc repro` after a crash).
@@ -355,9 +357,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
 
             with accelerator.accumulate(*models.values()), accelerator.autocast():
                 with record_function("forward"):
-                    if tokenizers:  # train_text_encoder: the conditioning is being trained too
-                        encoders = [models["text_encoder"], models["text_encoder_2"]]
-                        prompt_embeds, pooled = encode_prompts(tokenizers, encoders, inputs["captions"])
+                    if text_encoders:
+                        prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, inputs["captions"])
                     else:
                         prompt_embeds, pooled = inputs["prompt_embeds"], inputs["pooled_prompt_embeds"]
                     prediction = models["unet"](

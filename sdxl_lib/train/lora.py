@@ -24,11 +24,10 @@ TARGET_PRESETS = {
     ],
 }
 # The CLIP text encoders' counterparts (train_text_encoder): attention, then the MLP too.
-TEXT_ENCODER_TARGETS = {
-    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-}
+_CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_CLIP_LINEARS = [*_CLIP_ATTENTION, "fc1", "fc2"]
+# CLIP layers have only attention and MLP linears, so `attention_mlp` and `all` train the same ones
+TEXT_ENCODER_TARGETS = {"attention": _CLIP_ATTENTION, "attention_mlp": _CLIP_LINEARS, "all": _CLIP_LINEARS}
 INIT_WEIGHTS: dict[str, bool | str] = {
     "default": True,
     "gaussian": "gaussian",
