@@ -249,6 +249,8 @@ class TrainParams(Section):
     # EMA of the LoRA weights, saved beside the LoRA
     use_ema: bool = False
     ema_decay: float = Field(0.995, gt=0, lt=1)
+    # Which files models/lora holds: diffusers' layout, kohya's (A1111, Forge, ComfyUI), or both
+    lora_format: Literal["both", "diffusers", "kohya"] = "both"
     # Checkpoints and the rest
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
@@ -282,6 +284,11 @@ class TrainParams(Section):
             raise ValueError(
                 f"lora_init_type {self.lora_init_type} cannot be exported for the original base model "
                 "with use_dora (the magnitudes depend on the modified base): use lora_init_type default"
+            )
+        if self.use_dora and self.lora_format == "kohya":
+            raise ValueError(
+                "lora_format kohya with use_dora: diffusers (which evaluate loads LoRAs with) drops kohya "
+                "files' DoRA magnitudes; use lora_format both"
             )
         if self.optimizer == "adamw_schedulefree" and self.lr_scheduler != "constant":
             raise ValueError(
@@ -364,6 +371,42 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise UserError("\n".join(_describe(e, source) for e in err.errors())) from None
+
+
+def dump_params(params: Params, header: str) -> str:
+    """params.yaml text for `params`, every value spelled out, after `header` (comment lines)."""
+    values = params.model_dump(mode="json")
+    # per-dataset overrides: only what each dataset sets
+    values["bucket"]["datasets"] = {
+        dataset_id: override.model_dump(mode="json", exclude_none=True)
+        for dataset_id, override in params.bucket.datasets.items()
+    }
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=100)
+
+
+def sanity_warnings(params: Params, train_images: int | None, has_gpu: bool) -> list[str]:
+    """Settings that validate but are probably not what the user wants (checked by `configure` and
+    `import-simpletuner`); `train_images`: how many images the datasets hold, where known."""
+    cfg = params.train
+    warnings = []
+    if not has_gpu and cfg.mixed_precision != "no":
+        warnings.append(
+            f"mixed_precision {cfg.mixed_precision} on a machine without a GPU: CPU autocast is far slower "
+            "than fp32 (BENCHMARKS.md); set train.mixed_precision: no to try it here"
+        )
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    if train_images is not None and train_images < per_step:
+        warnings.append(
+            f"the datasets hold {train_images} images, fewer than train_batch_size x "
+            f"gradient_accumulation_steps = {per_step}: one optimizer step would repeat images"
+        )
+    if not 1e-5 <= cfg.learning_rate <= 1e-3 and cfg.optimizer not in ("prodigy",):
+        warnings.append(
+            f"learning_rate {cfg.learning_rate:g} is far outside the usual 1e-5..1e-3 for a LoRA "
+            "(1e-4 is a common start)"
+        )
+    return warnings
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

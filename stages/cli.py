@@ -2,7 +2,17 @@
 
 import typer
 
-from stages import bucket, download, encode_latents, encode_text, evaluate, train
+from stages import (
+    bucket,
+    configure,
+    download,
+    encode_latents,
+    encode_text,
+    evaluate,
+    export,
+    import_simpletuner,
+    train,
+)
 from stages.common import guarded
 
 app = typer.Typer(
@@ -18,6 +28,9 @@ for name, module in [
     ("encode_text", encode_text),
     ("train", train),
     ("evaluate", evaluate),
+    ("export", export),
+    ("import-simpletuner", import_simpletuner),
+    ("configure", configure),
 ]:
     app.command(name, help=module.main.__doc__)(guarded(module.main))
 

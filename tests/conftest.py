@@ -84,5 +84,26 @@ def tiny_pipeline() -> Any:
     return StableDiffusionXLPipeline.from_pretrained(model_path(pin_model(TINY_SDXL)), use_safetensors=True)
 
 
+def trained_pipeline(cfg: Any, text_encoders: bool) -> tuple[Any, dict[str, Any]]:
+    """The tiny pipeline with LoRAs (per TrainParams `cfg`) whose weights are all non-zero, as after
+    training; also the adapted models by component name."""
+    import torch
+
+    from sdxl_lib.train.lora import lora_config
+
+    pipeline = tiny_pipeline()
+    models = {"unet": pipeline.unet}
+    if text_encoders:
+        models.update(text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2)
+    torch.manual_seed(0)
+    for name, model in models.items():
+        model.add_adapter(lora_config(cfg, text_encoder=name != "unet"))
+        with torch.no_grad():
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+    return pipeline, models
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, trained_pipeline
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.tuners.lora import LoraLayer
@@ -96,22 +96,6 @@ def test_every_trainable_module_maps_back_through_diffusers(full_size_adapted: d
     text_form = r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
     text_names = [name for (component, _), name in names.items() if component != "unet"]
     assert len(text_names) == 6 * (12 + 32) and all(re.fullmatch(text_form, n) for n in text_names)
-
-
-def trained_pipeline(cfg: TrainParams, text_encoders: bool) -> tuple[Any, dict[str, torch.nn.Module]]:
-    """The tiny pipeline with LoRAs whose weights are all non-zero, as after training."""
-    pipeline = tiny_pipeline()
-    models = {"unet": pipeline.unet}
-    if text_encoders:
-        models.update(text_encoder=pipeline.text_encoder, text_encoder_2=pipeline.text_encoder_2)
-    torch.manual_seed(0)
-    for name, model in models.items():
-        model.add_adapter(lora_config(cfg, text_encoder=name != "unet"))
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_" in parameter_name:
-                    parameter.add_(0.05 * torch.randn_like(parameter))
-    return pipeline, models
 
 
 @torch.no_grad()

@@ -12,6 +12,11 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def count_images(folder: Path) -> int:
+    """Image files anywhere under `folder`, by extension (a quick count; the bucket stage opens them)."""
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def open_rgb(path: Path) -> Image.Image:
     """The image as the user sees it: EXIF orientation applied, converted to RGB."""
     with Image.open(path) as image:

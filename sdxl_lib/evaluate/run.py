@@ -16,7 +16,7 @@ from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.clip_score import ClipScorer
 from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
-from sdxl_lib.export import LORA_WEIGHTS, lora_components
+from sdxl_lib.export import lora_components, lora_file
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline
 from sdxl_lib.sources import model_path, pin_model
 
@@ -32,8 +32,7 @@ def _stats(prefix: str, scores: torch.Tensor) -> dict[str, float]:
 
 def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Score base and LoRA on identical inputs; writes per-timestep losses and images to `out_dir`."""
-    if not (paths.LORA / LORA_WEIGHTS).is_file():
-        raise UserError(f"{paths.LORA / LORA_WEIGHTS}: missing; run the train stage first (dvc repro train)")
+    lora = lora_file(paths.LORA)  # the diffusers-layout file, or the kohya one (lora_format kohya)
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
@@ -43,7 +42,7 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
     pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides)
-    online = bool(lora_components(paths.LORA / LORA_WEIGHTS) - {"unet"})
+    online = bool(lora_components(lora) - {"unet"})
 
     def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached embeds, or, for a LoRA with text-encoder weights, the pipeline's encoders as they
@@ -61,7 +60,7 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, A
     results: dict[str, torch.Tensor] = {}
     for name in ("base", "lora"):
         if name == "lora":  # the same public API users load our LoRA with
-            pipeline.load_lora_weights(str(paths.LORA))
+            pipeline.load_lora_weights(str(lora.parent), weight_name=lora.name)
         results[f"loss_{name}"] = eval_loss_by_timestep(
             pipeline.unet,
             scheduler,

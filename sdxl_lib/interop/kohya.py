@@ -33,7 +33,7 @@ TOP_LEVEL_NAMES = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
-TEXT_ENCODER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def sgm_module_name(diffusers_name: str, unet_config: Any) -> str:
@@ -69,9 +69,9 @@ def kohya_module_name(component: str, module: str, unet_config: Any) -> str:
     Text encoder paths are written from `text_model.`, whether or not the installed transformers
     puts that prefix in CLIPTextModel's module names (version 5 does not)."""
     if component == "unet":
-        return "lora_unet_" + sgm_module_name(module, unet_config).replace(".", "_")
+        return KOHYA_PREFIXES[component] + sgm_module_name(module, unet_config).replace(".", "_")
     path = "text_model." + module.removeprefix("text_model.")
-    return TEXT_ENCODER_PREFIXES[component] + path.replace(".", "_")
+    return KOHYA_PREFIXES[component] + path.replace(".", "_")
 
 
 def module_alpha(module: str, config: dict[str, Any]) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdxl_lib.sources import model_path
@@ -39,6 +40,11 @@ def load_text_encoders(
 
 def load_unet(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(base_dir(lock), subfolder="unet", dtype=dtype, **SAFE)
+
+
+def load_unet_config(lock: dict[str, Any]) -> FrozenDict:
+    """The U-Net's config alone (no weights): its block layout names modules in kohya files."""
+    return FrozenDict(UNet2DConditionModel.load_config(base_dir(lock), subfolder="unet"))
 
 
 def load_noise_scheduler(lock: dict[str, Any], **overrides: Any) -> DDPMScheduler:

@@ -23,6 +23,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from dvclive import Live
 from peft.utils import set_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.profiler import record_function
 from tqdm import tqdm
@@ -36,7 +37,8 @@ from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
-from sdxl_lib.export import lora_state, save_lora
+from sdxl_lib.export import lora_state, save_lora, save_widget_images, write_card
+from sdxl_lib.interop.metadata import training_metadata
 from sdxl_lib.models.loading import (
     latent_scaling,
     load_noise_scheduler,
@@ -278,6 +280,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     # Validation images every validation_steps (base model at step 0) and at the end, main process only.
     validation = params.validation
     pipeline = None
+    final_images: list[tuple[str, Image.Image]] = []  # the last validation, for the model card
     if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
         pipeline = load_pipeline(lock, scheduler_overrides=cfg.scheduler_overrides, **unwrapped).to(device)
         if validation.validation_steps and start_step == 0:
@@ -401,7 +404,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
             set_training(models.values(), optimizer, False)
-            save_validation_grid(pipeline, validation, done, accelerator)
+            final_images = save_validation_grid(pipeline, validation, done, accelerator)
             set_training(models.values(), optimizer, True)
         stopping = interrupted > 0 and done < max_steps
         if (done % cfg.checkpointing_steps == 0 or stopping) and done < max_steps:
@@ -427,11 +430,15 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     train_seconds = time.perf_counter() - started
     set_training(models.values(), optimizer, False)  # schedule-free: export the averaged weights
     if accelerator.is_main_process:
+        epochs = math.ceil(max_steps / math.ceil(order.epoch_length(0) / accumulation))
+        metadata = training_metadata(params, rows, max_steps, epochs)
         shutil.rmtree(paths.LORA, ignore_errors=True)
-        save_lora(unwrapped, paths.LORA, initial)
+        save_lora(unwrapped, paths.LORA, initial, cfg.lora_format, metadata)
         if ema is not None:
             with swapped_in(lora_params, ema):
-                save_lora(unwrapped, paths.LORA / "ema", initial)
+                save_lora(unwrapped, paths.LORA / "ema", initial, cfg.lora_format, metadata)
+        widget = save_widget_images(final_images, paths.LORA)
+        write_card(paths.LORA, widget, {"final_train_loss": loss_value}, validation.validation_guidance)
         paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)  # a DVC output, even if left empty
         assert live is not None
         live.summary["final_train_loss"] = loss_value
@@ -473,13 +480,16 @@ def checkpoint_on_first_sigint() -> threading.Event:
 
 def save_validation_grid(
     pipeline: StableDiffusionXLPipeline, validation: ValidationParams, step: int, accelerator: Accelerator
-) -> None:
-    """metrics/train/validation/step-NNNNNN.png: a row per prompt, a column per resolution. The
-    pipeline draws from its own seeded generators, so training's random numbers are untouched."""
+) -> list[tuple[str, Image.Image]]:
+    """metrics/train/validation/step-NNNNNN.png: a row per prompt, a column per resolution; returns
+    the (prompt, image) pairs. The pipeline draws from its own seeded generators, so training's
+    random numbers are untouched."""
     with torch.no_grad(), accelerator.autocast():
-        images = [image for _, image in generate_validation_images(pipeline, validation)]
+        images = generate_validation_images(pipeline, validation)
     paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)
-    image_grid(images, len(validation.sizes)).save(paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
+    grid = image_grid([image for _, image in images], len(validation.sizes))
+    grid.save(paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
+    return images
 
 
 def set_training(models: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer, training: bool) -> None:
