@@ -10,6 +10,7 @@ from sdxl_lib import paths
 from sdxl_lib.config import load_params
 from sdxl_lib.errors import UserError
 from sdxl_lib.export import LoraFormat, export_lora
+from sdxl_lib.interop.hub import push_to_hub
 from sdxl_lib.models.loading import load_unet_config
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
@@ -31,6 +32,9 @@ def main(
         paths.LORA, "--lora", help="What train wrote: models/lora, or models/lora/ema."
     ),
     lora_format: str = typer.Option("both", "--format", help="both | diffusers | kohya"),
+    push: str = typer.Option(
+        None, "--push-to-hub", help="Then upload OUTPUT to this Hub model repo (owner/name), private if new."
+    ),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
     """Write the LoRA to OUTPUT in diffusers and/or kohya layout, metadata and model card included."""
@@ -42,6 +46,8 @@ def main(
     for file in export_lora(lora, output, lora_format, unet_config, run_metrics(), guidance):
         typer.echo(f"export: wrote {file}")
     typer.echo(f"export: wrote {output / 'README.md'}")
+    if push:
+        typer.echo(f"export: pushed to {push_to_hub(output, push)}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def main(
         typer.echo(f"kept ours: {key} = {why}")
     for key, why in imported.ignored:
         typer.echo(f"ignored {key}: {why}")
+    if backend is None and imported.params.download.datasets[0].source == "builtin:demo":
+        typer.echo("no dataloader file given: the built-in demo dataset stays (pass MULTIDATABACKEND_JSON)")
     sources = [Path(d.source) for d in imported.params.download.datasets]
     images = sum(count_images(s) for s in sources) if all(s.is_dir() for s in sources) else None
     for warning in sanity_warnings(imported.params, images, torch.cuda.is_available()):

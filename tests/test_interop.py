@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
 import struct
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -348,3 +351,84 @@ def test_configure_warns_and_asks_before_writing_a_risky_setup(tmp_path: Path) -
     assert f"the datasets hold {images} images, fewer than" in result.output
     assert "learning_rate 0.5 is far outside" in result.output
     assert not (tmp_path / "params.yaml").exists()
+
+
+class HubStandIn:
+    """The Hub's repo-create, YAML-check, preupload and commit endpoints on localhost, enough for
+    huggingface_hub's `create_repo` + `upload_folder` (every file sent inline); it accepts one token."""
+
+    def __init__(self, token: str) -> None:
+        self.files: dict[str, bytes] = {}
+        self.authorizations: set[str | None] = set()
+        self.unknown_posts: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, code: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.reply(404, {"error": "not here"})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.authorizations.add(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    return self.reply(401, {"error": "Invalid credentials"})
+                base = f"http://127.0.0.1:{self.server.server_port}"
+                if self.path == "/api/repos/create":
+                    request = json.loads(body)
+                    return self.reply(200, {"url": f"{base}/{request['organization']}/{request['name']}"})
+                if self.path == "/api/validate-yaml":
+                    return self.reply(200, {"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    modes = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                    return self.reply(200, {"files": modes})
+                if "/commit/" in self.path:
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                    return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/0abc", "commitOid": "0abc"})
+                hub.unknown_posts.append(self.path)
+                return self.reply(404, {"error": "not here"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+
+def test_export_pushes_to_the_hub_and_the_token_stays_secret(demo_project: Path, tmp_path: Path) -> None:
+    token = "hf_sdxlLoraTestToken0123456789"
+    hub = HubStandIn(token)
+    out = tmp_path / "dist"
+    env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0"}
+    result = run(["sdxl-lora", "export", str(out), "--push-to-hub", "alice/demo-lora"], demo_project, **env)
+    assert f"{hub.url}/alice/demo-lora/commit/0abc" in result.stdout and not hub.unknown_posts
+    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert hub.files == local and {LORA_WEIGHTS, KOHYA_WEIGHTS, "README.md"} <= local.keys()
+    assert hub.authorizations == {f"Bearer {token}"}
+    assert token not in result.stdout + result.stderr
+    for folder in (out, demo_project):
+        assert not [p for p in folder.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    # a wrong token: one line saying what to do, and still no token in the output
+    failed = run(
+        ["sdxl-lora", "export", str(out), "--push-to-hub", "alice/demo-lora"],
+        demo_project,
+        check=False,
+        **(env | {"HF_TOKEN": "hf_wrong"}),
+    )
+    assert failed.returncode == 2 and "push to alice/demo-lora failed (HTTP 401)" in failed.stderr
+    assert "Traceback" not in failed.stderr and "hf_wrong" not in failed.stdout + failed.stderr

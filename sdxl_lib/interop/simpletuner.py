@@ -77,8 +77,8 @@ IGNORED = {
     "attention_mechanism": "PyTorch's scaled-dot-product attention is always used",
     "validation_preview": "streaming previews to a webhook is not supported yet",
     "validation_preview_steps": "streaming previews to a webhook is not supported yet",
-    "push_to_hub": "publishing to the Hub is not supported yet; models/lora holds the files and card",
-    "hub_model_id": "publishing to the Hub is not supported yet; models/lora holds the files and card",
+    "push_to_hub": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
+    "hub_model_id": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
 }
 # Keys read above by their own rules (not copied as they are).
 TRANSLATED = {
