@@ -18,13 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_lib.errors import UserError
 from sdxl_lib.interop.kohya import KOHYA_PREFIXES, to_kohya
-from sdxl_lib.interop.metadata import IMPLEMENTATIONS, PER_FILE_KEYS, file_hashes, network_metadata
+from sdxl_lib.interop.metadata import IMPLEMENTATIONS, file_hashes, network_metadata
 from sdxl_lib.interop.model_card import model_card
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
-# The pipeline components a LoRA can train, by the names `save_lora_weights` files them under.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # diffusers' key for the LoraConfigs, flattened as `<component>.<field>`.
 ADAPTER_METADATA = "lora_adapter_metadata"
 CARD = "README.md"
@@ -73,8 +71,9 @@ def write_lora(
     metadata: dict[str, str],
 ) -> list[Path]:
     """Write peft state dicts per component with their LoraConfigs (dicts) in the chosen formats;
-    every file carries `metadata`, the network's shape, its implementation and its own hashes."""
-    shared = {k: v for k, v in metadata.items() if k not in PER_FILE_KEYS} | network_metadata(configs["unet"])
+    every file carries `metadata`, the network's shape, and its own implementation and hashes (which
+    replace any carried over)."""
+    shared = metadata | network_metadata(configs["unet"])
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     if lora_format in ("diffusers", "both"):
@@ -168,7 +167,7 @@ def card_widget(directory: Path) -> list[tuple[str, str]]:
     card = directory / CARD
     if not card.is_file():
         return []
-    front = yaml.safe_load(card.read_text().split("---")[1]) or {}
+    front = yaml.safe_load(card.read_text().split("---\n", 2)[1]) or {}
     return [(entry["text"], entry["output"]["url"]) for entry in front.get("widget", [])]
 
 

@@ -22,8 +22,6 @@ from sdxl_lib.data.buckets import bucket_size
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 # The code base whose module names a file's keys follow (ModelSpec's `implementation`).
 IMPLEMENTATIONS = {"diffusers": "diffusers", "kohya": "https://github.com/Stability-AI/generative-models"}
-# Written per file, so a re-export recomputes them instead of carrying them over.
-PER_FILE_KEYS = ("modelspec.implementation", "modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 LEGACY_HASH_WINDOW = slice(0x100000, 0x110000)  # the 64 KiB additional-networks' legacy hash reads
 
 
