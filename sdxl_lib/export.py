@@ -145,10 +145,10 @@ def lora_file(directory: Path) -> Path:
 
 def save_widget_images(images: list[tuple[str, Image.Image]], directory: Path) -> list[tuple[str, str]]:
     """The final validation images beside the LoRA, for the model card's widget: (prompt, path)."""
-    (directory / "images").mkdir(parents=True, exist_ok=True)
     widget = []
     for index, (prompt, image) in enumerate(images):
         relative = f"images/validation_{index:02d}.png"
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
         image.save(directory / relative)
         widget.append((prompt, relative))
     return widget

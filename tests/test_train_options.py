@@ -289,3 +289,18 @@ def test_text_encoder_training_resumes_exactly(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     resumed_ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
     assert all(torch.equal(resumed_ema[k], ema[k]) for k in ema)
+
+
+def test_model_card_shows_only_images_of_the_exported_weights(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without validate_at_end the last validation (step 2 of 3) is not what the LoRA makes, so the
+    card gets no widget images from it."""
+    monkeypatch.chdir(project)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(max_train_steps=STEPS, validate_at_end=False, checkpointing_steps=1000)
+    raw["validation"]["validation_steps"] = 2
+    train(parse_params(raw), read_lock(paths.LOCK))
+    assert (project / paths.VALIDATION_IMAGES / "step-000002.png").is_file()
+    front = yaml.safe_load((project / paths.LORA / "README.md").read_text().split("---\n", 2)[1])
+    assert "widget" not in front and not (project / paths.LORA / "images").exists()

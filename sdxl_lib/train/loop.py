@@ -404,7 +404,9 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
             set_training(models.values(), optimizer, False)
-            final_images = save_validation_grid(pipeline, validation, done, accelerator)
+            images = save_validation_grid(pipeline, validation, done, accelerator)
+            if done == max_steps:  # the card shows what the exported weights make, nothing earlier
+                final_images = images
             set_training(models.values(), optimizer, True)
         stopping = interrupted > 0 and done < max_steps
         if (done % cfg.checkpointing_steps == 0 or stopping) and done < max_steps:
