@@ -33,6 +33,9 @@ class ModelParams(Section):
     revision: str = "main"
     pretrained_vae_model_name_or_path: str | None = None
     vae_revision: str = "main"
+    # Load .bin/.pt/.ckpt weights (base model, VAE, train.init_lora) with torch.load(weights_only=True)
+    # where no .safetensors exist; off, such files are refused (unpickling can run code).
+    allow_pickle_weights: bool = False
 
 
 class ValidationParams(Section):
@@ -68,6 +71,10 @@ class DatasetSource(Section):
 
 class DownloadParams(Section):
     datasets: list[DatasetSource] = [DatasetSource(id="demo", source="builtin:demo")]
+    # Follow symlinks that point outside a dataset's folder (off: they are skipped and reported).
+    allow_symlinks: bool = False
+    # An archive in a dataset is unpacked only if its contents fit in this (and in 200x its own size).
+    max_extracted_gb: float = Field(100.0, gt=0)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> DownloadParams:

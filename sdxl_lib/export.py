@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from sdxl_lib.errors import UserError
 from sdxl_lib.interop.kohya import KOHYA_PREFIXES, to_kohya
 from sdxl_lib.interop.metadata import IMPLEMENTATIONS, file_hashes, network_metadata
 from sdxl_lib.interop.model_card import model_card
+from sdxl_lib.io import replace_atomically, write_png, write_text
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
@@ -53,7 +55,7 @@ def save_lora(
     for name, model in models.items():
         state = lora_state(model)
         if any(not torch.isfinite(t).all() for t in state.values()):
-            raise ValueError(f"refusing to export a LoRA whose {name} weights contain NaN or inf")
+            raise UserError(f"refusing to export a LoRA whose {name} weights contain NaN or inf")
         config = model.peft_config["default"].to_dict()
         if initial is not None:
             state = as_standard_lora(state, initial[name])
@@ -86,23 +88,27 @@ def write_lora(
             }
             for name, state in layers.items()
         }
-        StableDiffusionXLPipeline.save_lora_weights(
-            directory,
-            # peft's key names throughout: diffusers' converter renames only attention modules, and a
-            # file mixing both styles loads only part of its modules back.
-            **{f"{name}_lora_layers": state for name, state in diffusers_layers.items()},
-            **{f"{name}_lora_adapter_metadata": config for name, config in configs.items()},
-            safe_serialization=True,
-        )
-        # save_lora_weights takes no metadata of ours: add it to the header it wrote.
+        with tempfile.TemporaryDirectory(dir=directory) as staging:
+            StableDiffusionXLPipeline.save_lora_weights(
+                staging,
+                # peft's key names throughout: diffusers' converter renames only attention modules, and
+                # a file mixing both styles loads only part of its modules back.
+                **{f"{name}_lora_layers": state for name, state in diffusers_layers.items()},
+                **{f"{name}_lora_adapter_metadata": config for name, config in configs.items()},
+                safe_serialization=True,
+            )
+            # save_lora_weights takes no metadata of ours: add it to the header it wrote.
+            staged = Path(staging) / LORA_WEIGHTS
+            tensors, own = load_file(staged), read_metadata(staged)
         path = directory / LORA_WEIGHTS
-        tensors, own = load_file(path), read_metadata(path)
-        save_file(tensors, path, metadata=stamped(tensors, own | shared, "diffusers"))
+        replace_atomically(
+            path, lambda tmp: save_file(tensors, tmp, metadata=stamped(tensors, own | shared, "diffusers"))
+        )
         written.append(path)
     if lora_format in ("kohya", "both"):
         kohya = to_kohya(layers, configs, unet_config)
         path = directory / KOHYA_WEIGHTS
-        save_file(kohya, path, metadata=stamped(kohya, shared, "kohya"))
+        replace_atomically(path, lambda tmp: save_file(kohya, tmp, metadata=stamped(kohya, shared, "kohya")))
         written.append(path)
     return written
 
@@ -148,8 +154,7 @@ def save_widget_images(images: list[tuple[str, Image.Image]], directory: Path) -
     widget = []
     for index, (prompt, image) in enumerate(images):
         relative = f"images/validation_{index:02d}.png"
-        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
-        image.save(directory / relative)
+        write_png(image, directory / relative)
         widget.append((prompt, relative))
     return widget
 
@@ -159,7 +164,7 @@ def write_card(
 ) -> None:
     """README.md: the Hugging Face model card of the LoRA in `directory`."""
     file = lora_file(directory)
-    (directory / CARD).write_text(model_card(read_metadata(file), widget, metrics, guidance, file.name))
+    write_text(model_card(read_metadata(file), widget, metrics, guidance, file.name), directory / CARD)
 
 
 def card_widget(directory: Path) -> list[tuple[str, str]]:

@@ -22,8 +22,9 @@ from typing import Any
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-from sdxl_lib.config import Params
+from sdxl_lib.config import DatasetSource, DownloadParams, Params
 from sdxl_lib.data.demo import generate_demo_dataset
+from sdxl_lib.data.files import copy_dataset
 from sdxl_lib.errors import UserError
 from sdxl_lib.models.builtin import TINY_CLIP, TINY_SDXL, build_tiny_clip, build_tiny_sdxl
 
@@ -36,6 +37,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a diffusers / transformers folder needs: no pickles, no fp16 or ONNX duplicates.
 MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]
 SKIPPED_MODEL_FILES = ["*fp16*", "*.onnx*", "*openvino*", "*.bin", "*.ckpt", "*.msgpack"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.load files: unpickling can run code
 
 
 def home() -> Path:
@@ -47,7 +49,7 @@ def tree_hash(directory: Path, content: bool = True) -> str:
     """Hash of a folder: every file's relative path and bytes (or size and mtime if not `content`)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode())
+        digest.update(os.fsencode(path.relative_to(directory).as_posix()))
         if content:
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         else:
@@ -56,14 +58,12 @@ def tree_hash(directory: Path, content: bool = True) -> str:
     return digest.hexdigest()
 
 
-def _hub_snapshot(repo_id: str, revision: str, repo_type: str, allow: list[str] | None) -> Path:
+def _hub_snapshot(
+    repo_id: str, revision: str, repo_type: str, allow: list[str] | None, ignore: list[str] | None = None
+) -> Path:
     try:
         path = snapshot_download(
-            repo_id,
-            repo_type=repo_type,
-            revision=revision,
-            allow_patterns=allow,
-            ignore_patterns=SKIPPED_MODEL_FILES if allow else None,
+            repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow, ignore_patterns=ignore
         )
     except LocalEntryNotFoundError:
         raise UserError(
@@ -107,22 +107,56 @@ def _build_builtin(name: str) -> Path:
     return target
 
 
-def pin_model(source: str, revision: str = "main") -> dict[str, str]:
-    """Resolve a model source to a lock entry {source, kind, revision}."""
+def weights_format(folder: Path, source: str, allow_pickle: bool) -> str:
+    """`safetensors`, or `pickle` for a model with a part whose weights exist only as torch.load
+    files, which is refused unless `allow_pickle` (they are then loaded with weights_only=True)."""
+    # a component folder whose weights exist only as pickles (transformers writes safetensors always)
+    pickles = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix in PICKLE_SUFFIXES and not any(p.parent.glob("*.safetensors"))
+    ]
+    if pickles and not allow_pickle:
+        raise UserError(
+            f"{source}: its weights are pickle files ({pickles[0].name}), which can run code when "
+            "loaded; convert them to .safetensors, or set model.allow_pickle_weights: true to load "
+            "them with torch.load(weights_only=True)"
+        )
+    return "pickle" if pickles else "safetensors"
+
+
+def pin_model(source: str, revision: str = "main", allow_pickle: bool = False) -> dict[str, str]:
+    """Resolve a model source to a lock entry {source, kind, revision, weights}."""
     if source in BUILTIN_MODELS:
-        return {"source": source, "kind": "builtin", "revision": tree_hash(_build_builtin(source))}
+        path = _build_builtin(source)
+        return {"source": source, "kind": "builtin", "revision": tree_hash(path), "weights": "safetensors"}
     if source.startswith("builtin:"):
         known = ", ".join(BUILTIN_MODELS)
         raise UserError(f"unknown built-in model '{source}': use one of {known}")
     if Path(source).is_dir():
         path = Path(source).resolve()
-        return {"source": str(path), "kind": "local", "revision": tree_hash(path, content=False)}
+        weights = weights_format(path, source, allow_pickle)
+        return {
+            "source": str(path),
+            "kind": "local",
+            "revision": tree_hash(path, content=False),
+            "weights": weights,
+        }
     if REPO_ID.match(source):
-        path = _hub_snapshot(source, revision, "model", MODEL_FILES)
-        return {"source": source, "kind": "hub", "revision": path.name}
+        path = _hub_snapshot(source, revision, "model", *hub_patterns(allow_pickle))
+        weights = weights_format(path, source, allow_pickle)
+        return {"source": source, "kind": "hub", "revision": path.name, "weights": weights}
     raise UserError(
         f"model source '{source}' is neither a builtin, an existing folder, nor a Hub id (owner/name)"
     )
+
+
+def hub_patterns(allow_pickle: bool) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns of a model download: what a diffusers / transformers folder needs,
+    with .bin weights only for `allow_pickle`."""
+    if allow_pickle:
+        return [*MODEL_FILES, "*.bin"], [p for p in SKIPPED_MODEL_FILES if p != "*.bin"]
+    return MODEL_FILES, SKIPPED_MODEL_FILES
 
 
 def model_path(entry: dict[str, str]) -> Path:
@@ -140,34 +174,24 @@ def model_path(entry: dict[str, str]) -> Path:
         if not Path(source).is_dir():
             raise UserError(f"model folder {source} (pinned in the lock) no longer exists")
         return Path(source)
-    return _hub_snapshot(source, revision, "model", MODEL_FILES)
+    return _hub_snapshot(source, revision, "model", *hub_patterns(entry.get("weights") == "pickle"))
 
 
-def _copy_tree(source: Path, target: Path) -> None:
-    """Hard-link files where the filesystem allows it (no extra space), else copy."""
-    for path in sorted(source.rglob("*")):
-        if not path.is_file() or ".cache" in path.relative_to(source).parts:
-            continue
-        destination = target / path.relative_to(source)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, destination)
-        except OSError:
-            shutil.copy2(path, destination)
-
-
-def fetch_dataset(source: str, revision: str, target: Path) -> str:
-    """Materialise a dataset in `target`; returns the revision to pin."""
+def fetch_dataset(dataset: DatasetSource, params: DownloadParams, target: Path) -> tuple[str, list[dict]]:
+    """Materialise a dataset in `target`; returns the revision to pin and the files not copied."""
+    source, max_gb = dataset.source, params.max_extracted_gb
     if source == BUILTIN_DEMO:
         generate_demo_dataset(target)
-        return tree_hash(target)
+        return tree_hash(target), []
     if Path(source).is_dir():
-        _copy_tree(Path(source), target)
-        return tree_hash(target)
+        allowed = None if params.allow_symlinks else Path(source)
+        skipped = copy_dataset(Path(source), target, allowed, max_gb)
+        return tree_hash(target), skipped
     if REPO_ID.match(source):
-        snapshot = _hub_snapshot(source, revision, "dataset", None)
-        _copy_tree(snapshot, target)
-        return snapshot.name
+        snapshot = _hub_snapshot(source, dataset.revision, "dataset", None)
+        # a snapshot's files are links into the repo's blob store, two levels up
+        allowed = None if params.allow_symlinks else snapshot.parent.parent
+        return snapshot.name, copy_dataset(snapshot, target, allowed, max_gb)
     raise UserError(
         f"dataset source '{source}' is neither {BUILTIN_DEMO}, an existing folder, "
         "nor a Hub dataset id (owner/name)"
@@ -179,13 +203,15 @@ def download(params: Params, raw_dir: Path) -> dict[str, Any]:
     shutil.rmtree(raw_dir, ignore_errors=True)
     datasets = []
     for dataset in params.download.datasets:
-        revision = fetch_dataset(dataset.source, dataset.revision, raw_dir / dataset.id)
-        datasets.append({"id": dataset.id, "source": dataset.source, "revision": revision})
+        revision, skipped = fetch_dataset(dataset, params.download, raw_dir / dataset.id)
+        datasets.append(
+            {"id": dataset.id, "source": dataset.source, "revision": revision, "skipped": skipped}
+        )
     model = params.model
     vae = model.pretrained_vae_model_name_or_path
     return {
-        "model": pin_model(model.pretrained_model_name_or_path, model.revision),
-        "vae": pin_model(vae, model.vae_revision) if vae else None,
+        "model": pin_model(model.pretrained_model_name_or_path, model.revision, model.allow_pickle_weights),
+        "vae": pin_model(vae, model.vae_revision, model.allow_pickle_weights) if vae else None,
         "datasets": datasets,
     }
 

@@ -8,7 +8,7 @@ from sdxl_lib import paths
 from sdxl_lib.config import load_params
 from sdxl_lib.data.plan import build_plan
 from sdxl_lib.data.report import bucket_table, contact_sheet, histogram_rows
-from sdxl_lib.io import write_json, write_parquet
+from sdxl_lib.io import write_json, write_parquet, write_png
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
 
@@ -18,13 +18,19 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     params = load_params(params_file)
     lock = read_lock(paths.LOCK)
     datasets = [(d["id"], paths.RAW / d["id"]) for d in lock["datasets"]]
-    plan, skipped, summary = build_plan(datasets, params.bucket, Path("."), params.train.train_batch_size)
+    not_downloaded = [
+        {"path": f"{(paths.RAW / d['id']).as_posix()}/{s['path']}", "reason": s["reason"]}
+        for d in lock["datasets"]
+        for s in d.get("skipped", [])
+    ]
+    plan, skipped, summary = build_plan(
+        datasets, params.bucket, Path("."), params.train.train_batch_size, skipped_earlier=not_downloaded
+    )
     write_parquet(plan, paths.PLAN)
     write_parquet(skipped, paths.SKIPPED)
     write_json(summary, paths.BUCKET_SUMMARY)
     write_json(histogram_rows(summary), paths.BUCKET_HISTOGRAM)
-    paths.CONTACT_SHEET.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(plan.to_pylist(), Path(".")).save(paths.CONTACT_SHEET)
+    write_png(contact_sheet(plan.to_pylist(), Path(".")), paths.CONTACT_SHEET)
     typer.echo(bucket_table(summary))
 
 

@@ -16,9 +16,11 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     params = load_params(params_file)
     lock = download(params, paths.RAW)
     write_json(lock, paths.LOCK)
+    not_copied = sum(len(d["skipped"]) for d in lock["datasets"])
     typer.echo(
         f"download: model {lock['model']['source']}@{lock['model']['revision'][:12]}, "
-        f"{len(lock['datasets'])} dataset(s) into {paths.RAW}"
+        f"{len(lock['datasets'])} dataset(s) into {paths.RAW}; {not_copied} file(s) not copied "
+        "(reasons in data/lock.json; bucket lists them in data/buckets/skipped.parquet)"
     )
 
 

@@ -27,9 +27,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, **env_vars: str) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float | None = None, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **env_vars, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run
 from typer.testing import CliRunner
 
@@ -50,13 +51,43 @@ ROOT = Path(__file__).resolve().parents[1]
             {"validation": {"validation_resolution": "1024x"}},
             "validation.validation_resolution: String should match",
         ),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate: Input should be a valid number"),
+        (
+            {"train": {"lora_dropout": 1.5}},
+            "train.lora_dropout: Input should be less than 1 (got 1.5)",
+        ),
+        ({"bucket": {"eval_fraction": 1}}, "bucket.eval_fraction: Input should be less than 1 (got 1)"),
+        ({"download": {"max_extracted_gb": 0}}, "download.max_extracted_gb: Input should be greater than 0"),
+        (
+            {"model": {"allow_pickle_weights": "maybe"}},
+            "model.allow_pickle_weights: Input should be a valid boolean",
+        ),
+        ({"download": {"datasets": []}}, "download: list at least one dataset"),
+        (
+            {"download": {"datasets": [{"id": "a", "source": "x"}, {"id": "a", "source": "y"}]}},
+            "download: dataset ids must be unique, got ['a', 'a']",
+        ),
+        (
+            {"bucket": {"minimum_aspect_ratio": 2, "maximum_aspect_ratio": 1}},
+            "bucket: minimum_aspect_ratio is above maximum_aspect_ratio",
+        ),
+        (
+            {"train": {"use_dora": True, "lora_format": "kohya"}},
+            "train: lora_format kohya with use_dora: diffusers (which evaluate loads LoRAs with) drops",
+        ),
+        (
+            {"train": {"optimizer": "adamw_schedulefree", "lr_scheduler": "cosine"}},
+            "train: optimizer adamw_schedulefree schedules itself: set lr_scheduler: constant",
+        ),
     ],
 )
-def test_bad_params_name_the_key(raw: dict, message: str) -> None:
+def test_broken_params_files_name_the_key(tmp_path: Path, raw: dict, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
     with pytest.raises(UserError) as caught:
-        parse_params(raw)
+        load_params(path)
     assert message in str(caught.value)
-    assert str(caught.value).startswith("params.yaml: ")
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
 
 
 def test_defaults_are_valid_and_unquoted_no_is_accepted() -> None:

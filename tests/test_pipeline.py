@@ -19,10 +19,12 @@ import torch
 from conftest import BIN, new_project, read_json, run, set_params
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from sdxl_lib.config import load_params
 from sdxl_lib.export import LORA_WEIGHTS
 from sdxl_lib.sources import model_path
+from sdxl_lib.train.utils import BatchOrder
 
 
 def test_repro_writes_every_artifact(demo_project: Path) -> None:
@@ -163,6 +165,92 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
     )
     logged = (project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
     assert [int(line.split("\t")[0]) for line in logged] == list(range(30))
+
+
+def kill_9_at_a_random_moment(cmd: list[str], project: Path, latest: float) -> float:
+    """Run `cmd` in its own process group and SIGKILL the group at a random moment before it ends;
+    returns the moment. A run that ends first tells how long it takes, and the next try aims inside."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    while True:
+        moment, started = random.uniform(0.5, latest), time.monotonic()
+        with (project / "run.log").open("w") as log:
+            process = subprocess.Popen(
+                cmd, cwd=project, env=env, stdout=log, stderr=log, start_new_session=True
+            )
+        try:
+            process.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return moment
+        latest = 0.9 * (time.monotonic() - started)
+
+
+@pytest.mark.parametrize(
+    ("stage", "cache", "latest"),
+    [
+        ("download", None, 6.0),
+        ("bucket", None, 6.0),
+        ("encode_latents", "data/latents", 6.0),
+        ("encode_text", "data/text", 6.0),
+        ("evaluate", None, 12.0),
+    ],
+)
+def test_kill_9_in_any_stage_then_repro_gives_the_uninterrupted_outputs(
+    demo_project: Path, tmp_path: Path, stage: str, cache: str | None, latest: float
+) -> None:
+    """Every artifact is written to a temporary name and renamed into place, and the persistent
+    caches are rebuilt from whatever a killed run left: the rerun's outputs are the uninterrupted ones
+    (DVC's lock records their hashes). Train has its own test above."""
+    project = tmp_path / stage
+    shutil.copytree(demo_project, project, symlinks=True)
+    uninterrupted = (project / "dvc.lock").read_text()
+    if cache:  # as on a first run, so the kill can land in the middle of writing shards
+        shutil.rmtree(project / cache)
+    moment = kill_9_at_a_random_moment(["dvc", "repro", "-f", "-s", stage], project, latest)
+    result = run(["dvc", "repro"], project)
+    # `dvc repro` completed, so the workspace holds what the lock says
+    assert (project / "dvc.lock").read_text() == uninterrupted, (
+        f"killed after {moment:.2f} s\n{result.stdout}"
+    )
+
+
+def test_nan_loss_stops_naming_the_step_and_samples_and_keeps_the_last_good_checkpoint(
+    demo_project: Path, tmp_path: Path
+) -> None:
+    """One cached latent turned to NaN (what an fp16 VAE can produce) poisons the step that draws it."""
+    project = tmp_path / "nan"
+    shutil.copytree(demo_project, project, symlinks=True)
+    for output in ("models", "metrics/train"):
+        shutil.rmtree(project / output)
+    steps = {"train.max_train_steps": 12, "train.checkpointing_steps": 2, "train.validate_at_end": False}
+    set_params(project, {**steps, "validation.validation_steps": None})
+    cfg = load_params(project / "params.yaml").train
+    rows = [
+        r for r in pq.read_table(project / "data/buckets/plan.parquet").to_pylist() if r["split"] == "train"
+    ]
+    order = BatchOrder(rows, cfg.train_batch_size, cfg.seed)
+    seen = {r["variant_id"] for r in order[0] + order[1] + order[2]}
+    step = next(k for k in range(3, 12) if any(r["variant_id"] not in seen for r in order[k]))
+    victim = next(r["variant_id"] for r in order[step] if r["variant_id"] not in seen)
+    index = pq.read_table(project / "data/latents/index.parquet").to_pylist()
+    entry = next(e for e in index if e["variant_id"] == victim)
+    shard = project / "data/latents" / entry["shard"]
+    tensors = load_file(shard)
+    tensors[f"{entry['key']}.mean"] = torch.full_like(tensors[f"{entry['key']}.mean"], float("nan"))
+    shard.unlink()  # a link into the demo's DVC cache: replace it, never write through it
+    save_file(tensors, shard)
+
+    result = run(["sdxl-lora", "train"], project, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"error: loss became nan at step {step + 1} (samples " in error and victim in error, error
+    assert "learning_rate" in error and "fp16" in error
+    assert not list((project / "models/lora").glob("*.safetensors"))
+    checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"))
+    assert checkpoints[-1].name == f"checkpoint-{step // 2 * 2:06d}"
+    for weights in checkpoints[-1].glob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(weights).values())
 
 
 def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(

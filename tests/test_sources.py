@@ -9,6 +9,7 @@ import huggingface_hub.constants
 import pytest
 from conftest import new_project, read_json, run
 
+from sdxl_lib.config import DatasetSource, DownloadParams
 from sdxl_lib.errors import UserError
 from sdxl_lib.models.builtin import TINY_SDXL
 from sdxl_lib.models.loading import load_unet
@@ -34,7 +35,7 @@ def test_hub_model_is_pinned_to_the_commit_and_a_moved_branch_shows(hub_cache: P
     tiny = model_path(pin_model(TINY_SDXL))
     fake_hub_repo(hub_cache, "model", "org/tiny-sdxl", "a" * 40, tiny)
     entry = pin_model("org/tiny-sdxl", "main")
-    assert entry == {"source": "org/tiny-sdxl", "kind": "hub", "revision": "a" * 40}
+    assert entry == {"source": "org/tiny-sdxl", "kind": "hub", "revision": "a" * 40, "weights": "safetensors"}
     assert load_unet({"model": entry}).config.addition_embed_type == "text_time"
     fake_hub_repo(hub_cache, "model", "org/tiny-sdxl", "b" * 40, tiny)  # the branch moved
     assert pin_model("org/tiny-sdxl", "main")["revision"] == "b" * 40
@@ -54,11 +55,21 @@ def test_hub_and_local_datasets(hub_cache: Path, tmp_path: Path) -> None:
     files.mkdir()
     (files / "img.png").write_bytes(b"png")
     fake_hub_repo(hub_cache, "dataset", "org/photos", "c" * 40, files)
-    assert fetch_dataset("org/photos", "main", tmp_path / "hub-out") == "c" * 40
+    # as huggingface_hub stores them: snapshot files are links to ../../blobs/<hash>
+    repo = hub_cache / "datasets--org--photos"
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / ("c" * 40) / "img.png").rename(repo / "blobs" / "abc")
+    (repo / "snapshots" / ("c" * 40) / "img.png").symlink_to(Path("../../blobs/abc"))
+    settings = DownloadParams()
+
+    def fetch(source: str, target: str) -> tuple[str, list[dict]]:
+        return fetch_dataset(DatasetSource(id="d", source=source), settings, tmp_path / target)
+
+    assert fetch("org/photos", "hub-out") == ("c" * 40, [])
     assert (tmp_path / "hub-out" / "img.png").read_bytes() == b"png"
-    first = fetch_dataset(str(files), "main", tmp_path / "local-out")
+    first, _ = fetch(str(files), "local-out")
     (files / "more.png").write_bytes(b"more")
-    assert fetch_dataset(str(files), "main", tmp_path / "local-out-2") != first
+    assert fetch(str(files), "local-out-2")[0] != first
 
 
 @pytest.mark.parametrize(

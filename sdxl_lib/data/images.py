@@ -10,6 +10,9 @@ import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Transparent pixels are composited on white, as image viewers and browsers show them.
+BACKGROUND = (255, 255, 255)
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B"}
 
 
 def count_images(folder: Path) -> int:
@@ -18,10 +21,22 @@ def count_images(folder: Path) -> int:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """The image as the user sees it: EXIF orientation applied, converted to RGB."""
+    """The image as the user sees it: first frame of an animation, EXIF orientation applied, as RGB."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit grayscale keeps its top 8 bits (Pillow's convert would clip it to white),
+    transparency (alpha, or a palette / colour-key `transparency`) is composited on BACKGROUND."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(levels.clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_and_crop(

@@ -6,6 +6,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import fields
@@ -28,6 +29,7 @@ PLAN_SCHEMA = pa.schema(
         ("dataset_id", pa.string()),
         ("path", pa.string()),
         ("caption", pa.string()),
+        ("caption_source", pa.string()),
         ("split", pa.string()),
         ("original_width", pa.int32()),
         ("original_height", pa.int32()),
@@ -45,6 +47,7 @@ PLAN_SCHEMA = pa.schema(
 )
 SKIPPED_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
 EXIF_ORIENTATION = 274
+MIN_SIDE = 16  # pixels; smaller is under two latent pixels: nothing to learn from at any resolution
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height
 # Which setting to change for each skip reason, for the "nothing left to train on" message.
 REASON_SETTINGS = {
@@ -70,22 +73,44 @@ def upright_size(image: Image.Image, data: bytes) -> tuple[int, int]:
     return width, height
 
 
+def verify_pixels(image: Image.Image, data: bytes) -> None:
+    """Raise if the pixel data of the just-opened `image` (whose bytes are `data`) is truncated or
+    corrupt, at a cost fit for every file of a dataset: a JPEG is decoded at 1/8 scale (libjpeg still
+    reads every byte of it), a PNG checked by its chunk checksums, a WebP was checked by its decoder
+    when opened; anything else (GIF, BMP, TIFF) is decoded whole."""
+    if image.format == "PNG":
+        with Image.open(io.BytesIO(data)) as fresh:  # verify() must come straight after opening
+            fresh.verify()
+    elif image.format == "JPEG":
+        image.draft(image.mode, (image.width // 8, image.height // 8))
+        image.load()
+    elif image.format != "WEBP":
+        image.load()
+
+
 def scan_file(job: tuple[Path, bool]) -> tuple[str, tuple[int, int] | None, str | None]:
-    """(content hash, upright size or None, error or None) for one file; runs in worker processes."""
+    """(content hash, upright size or None, skip reason or None) for one file; runs in worker processes."""
     path, read_size = job
     try:
         data = path.read_bytes()
         sample_id = hashlib.sha256(data).hexdigest()[:32]
         if not read_size:
             return sample_id, None, None
-        with Image.open(io.BytesIO(data)) as image:
-            return sample_id, upright_size(image, data), None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            # between Pillow's warning and error sizes lie real photos (90-180 MP): those are kept
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                size = upright_size(image, data)
+                verify_pixels(image, data)
+        return sample_id, size, None
+    except Image.DecompressionBombError:
+        return "", None, f"decompression_bomb: over {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         return "", None, f"unreadable: {err}"
 
 
 def scan_files(paths: list[Path], read_size: list[bool], workers: int) -> list[tuple]:
-    """Hash and measure files on all cores (header reads only: pixels are never decoded here)."""
+    """Hash, measure and check files on all cores (pixels are decoded only as far as the check needs)."""
     jobs = list(zip(paths, read_size, strict=True))
     progress = tqdm(total=len(jobs), desc="bucket: scan", unit="file")
     if workers <= 1 or len(jobs) < 64:
@@ -104,16 +129,27 @@ def scan_files(paths: list[Path], read_size: list[bool], workers: int) -> list[t
 
 
 def read_caption(path: Path, settings: DatasetSettings) -> tuple[str, str]:
-    """(caption, where it came from). `textfile` falls back to the file name without a sidecar."""
+    """(caption, where it came from). `textfile` reads the first non-empty line of the .txt sidecar
+    and falls back to the file name when the sidecar is missing, empty, or not UTF-8 text; the
+    source says which, so the bucket summary counts each case."""
     if settings.caption_strategy == "instanceprompt":
         return str(settings.instance_prompt), "instance_prompt"
+    if settings.caption_strategy == "filename":
+        return caption_from_filename(path), "filename"
     sidecar = path.with_suffix(".txt")
-    if settings.caption_strategy == "textfile" and sidecar.is_file():
-        lines = sidecar.read_text(encoding="utf-8", errors="replace").splitlines()
-        first = next((line.strip() for line in lines if line.strip()), "")
-        if first:  # one caption per image: the first non-empty line
-            return first, "textfile"
-    return caption_from_filename(path), "filename"
+    if not sidecar.is_file():
+        return caption_from_filename(path), "filename_no_sidecar"
+    data = sidecar.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return caption_from_filename(path), "filename_sidecar_not_utf8"
+    if "\x00" in text:
+        return caption_from_filename(path), "filename_sidecar_not_utf8"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not first:
+        return caption_from_filename(path), "filename_sidecar_empty"
+    return first, "textfile"
 
 
 def read_metadata_table(folder: Path, settings: DatasetSettings) -> dict[str, tuple[str, int, int]]:
@@ -198,15 +234,17 @@ def build_plan(
     root: Path,
     batch_size: int,
     workers: int | None = None,
+    skipped_earlier: list[dict] | None = None,
 ) -> tuple[pa.Table, pa.Table, dict]:
     """Plan every image in the given (dataset id, folder) pairs.
 
-    Returns the plan table, the skipped table and a summary of counts. Paths are stored relative
-    to `root` (the project) so a plan is the same on every machine.
+    Returns the plan table, the skipped table (with `skipped_earlier`: the files `download` did not
+    copy) and a summary of counts. Paths are stored relative to `root` (the project) so a plan is
+    the same on every machine.
     """
     workers = workers or os.cpu_count() or 1
     settings = {dataset_id: params.for_dataset(dataset_id) for dataset_id, _ in datasets}
-    skipped: list[dict] = []
+    skipped: list[dict] = list(skipped_earlier or [])
     candidates: list[tuple[str, Path, tuple[str, int, int] | None]] = []
     for dataset_id, folder in datasets:
         s = settings[dataset_id]
@@ -241,6 +279,9 @@ def build_plan(
             continue
         seen[sample_id] = relative
         width, height = (known[1], known[2]) if known else size  # type: ignore[misc]
+        if min(width, height) < MIN_SIDE:
+            skipped.append({"path": relative, "reason": f"degenerate_size {width}x{height}"})
+            continue
         if is_too_small(width, height, s):
             skipped.append({"path": relative, "reason": "too_small"})
             continue
@@ -255,6 +296,7 @@ def build_plan(
             "dataset_id": dataset_id,
             "path": relative,
             "caption": caption,
+            "caption_source": source,
             "split": "eval" if held_out else "train",
             "original_width": width,
             "original_height": height,
@@ -276,6 +318,13 @@ def build_plan(
         if r["split"] == "train" and settings[r["dataset_id"]].random_flip
     ]
     rows.sort(key=lambda r: (r["dataset_id"], r["path"], r["flip"]))
+    train_samples = sum(1 + r["repeats"] for r in rows if r["split"] == "train")
+    if train_samples < batch_size:
+        raise UserError(
+            f"the datasets give {train_samples} training samples per epoch (images, flips and repeats), "
+            f"fewer than one batch of train.train_batch_size {batch_size}: lower train_batch_size, add "
+            "images, or raise repeats"
+        )
 
     samples = [r for r in rows if not r["flip"]]
     buckets: dict[str, Counter[str]] = defaultdict(Counter)

@@ -28,7 +28,21 @@ def bucket_table(summary: dict) -> str:
         )
     if summary["flipped_variants"]:
         lines.append(f"random_flip: {summary['flipped_variants']} mirrored variants planned")
+    lines.append(summary_line(summary))
     return "\n".join(lines)
+
+
+def summary_line(summary: dict) -> str:
+    """One line a person reads first: kept and skipped by reason, and where the captions came from."""
+    skipped = summary["skipped"]
+    by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    reasons = f" ({by_reason})" if by_reason else ""
+    captions = ", ".join(f"{source} {n}" for source, n in sorted(summary["caption_sources"].items()))
+    return (
+        f"bucket: {summary['kept']} images kept ({summary['train']} train, {summary['eval']} eval), "
+        f"{sum(skipped.values())} skipped{reasons} -> data/buckets/skipped.parquet; "
+        f"captions: {captions}"
+    )
 
 
 def histogram_rows(summary: dict) -> list[dict]:

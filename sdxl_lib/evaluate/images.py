@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sdxl_lib.config import ValidationParams
+from sdxl_lib.io import write_png
 
 GRID_CELL_HEIGHT = 256
 
@@ -41,7 +42,7 @@ def save_images(images: list[Image.Image], directory: Path, prefix: str) -> list
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{prefix}_{i:02d}.png" for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
-        image.save(path)
+        write_png(image, path)
     return paths
 
 

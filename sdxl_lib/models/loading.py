@@ -1,4 +1,4 @@
-"""Loading the pinned base model's parts with `from_pretrained`, safetensors only."""
+"""Loading the pinned base model's parts with `from_pretrained`: safetensors unless the lock says pickle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from sdxl_lib.sources import model_path
 
-SAFE = {"use_safetensors": True}
+
+def weights(entry: dict[str, Any]) -> dict[str, bool | None]:
+    """from_pretrained's weights switch for a lock entry: safetensors only, unless the lock says
+    `pickle` (allowed at download by model.allow_pickle_weights): then safetensors where a part has
+    them, else its .bin, which diffusers and transformers torch.load with weights_only=True."""
+    return {"use_safetensors": True if entry.get("weights", "safetensors") == "safetensors" else None}
 
 
 def base_dir(lock: dict[str, Any]) -> Path:
@@ -22,8 +27,10 @@ def base_dir(lock: dict[str, Any]) -> Path:
 def load_vae(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The VAE override (e.g. madebyollin/sdxl-vae-fp16-fix) if pinned, else the base model's."""
     if lock.get("vae"):
-        return AutoencoderKL.from_pretrained(model_path(lock["vae"]), dtype=dtype, **SAFE)
-    return AutoencoderKL.from_pretrained(base_dir(lock), subfolder="vae", dtype=dtype, **SAFE)
+        return AutoencoderKL.from_pretrained(model_path(lock["vae"]), dtype=dtype, **weights(lock["vae"]))
+    return AutoencoderKL.from_pretrained(
+        base_dir(lock), subfolder="vae", dtype=dtype, **weights(lock["model"])
+    )
 
 
 def load_text_encoders(
@@ -32,14 +39,18 @@ def load_text_encoders(
     root = base_dir(lock)
     tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
     encoders = [
-        CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **SAFE),
-        CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype, **SAFE),
+        CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **weights(lock["model"])),
+        CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder="text_encoder_2", dtype=dtype, **weights(lock["model"])
+        ),
     ]
     return tokenizers, [e.eval().requires_grad_(False) for e in encoders]
 
 
 def load_unet(lock: dict[str, Any], dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(base_dir(lock), subfolder="unet", dtype=dtype, **SAFE)
+    return UNet2DConditionModel.from_pretrained(
+        base_dir(lock), subfolder="unet", dtype=dtype, **weights(lock["model"])
+    )
 
 
 def load_unet_config(lock: dict[str, Any]) -> FrozenDict:
@@ -61,7 +72,9 @@ def load_pipeline(
 ) -> StableDiffusionXLPipeline:
     """The full SDXL pipeline of the pinned model; `components` replace parts (e.g. a trained UNet)."""
     components.setdefault("vae", load_vae(lock, dtype))
-    pipeline = StableDiffusionXLPipeline.from_pretrained(base_dir(lock), dtype=dtype, **components, **SAFE)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(
+        base_dir(lock), dtype=dtype, **components, **weights(lock["model"])
+    )
     pipeline.set_progress_bar_config(disable=True)
     if scheduler_overrides:  # sample as the LoRA was trained (v-prediction, zero-SNR betas)
         pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **scheduler_overrides)

@@ -39,6 +39,7 @@ from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
 from sdxl_lib.export import lora_state, save_lora, save_widget_images, write_card
 from sdxl_lib.interop.metadata import training_metadata
+from sdxl_lib.io import write_png, write_text
 from sdxl_lib.models.loading import (
     latent_scaling,
     load_noise_scheduler,
@@ -206,7 +207,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             "being trained (the text cache is not read)"
         )
     torch.manual_seed(cfg.seed)  # LoRA init
-    loaded = load_init_lora(models, cfg.init_lora) if cfg.init_lora else set()
+    allow_pickle = params.model.allow_pickle_weights
+    loaded = load_init_lora(models, cfg.init_lora, allow_pickle) if cfg.init_lora else set()
     if loaded:
         accelerator.print(f"train: continuing from {cfg.init_lora} (its rank, alpha and targets)")
     for name, model in models.items():
@@ -391,9 +393,12 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         stats = torch.stack([step_loss, torch.tensor(float(interrupt.is_set()), device=device)])
         loss_value, interrupted = accelerator.reduce(stats, reduction="mean").tolist()
         if not math.isfinite(loss_value):
+            batch = [row["variant_id"] for m in range(accumulation) for row in order[step * accumulation + m]]
             raise UserError(
-                f"loss became {loss_value} at step {step + 1}; lower train.learning_rate or use "
-                "mixed_precision: bf16/no (the last good checkpoint is kept)"
+                f"loss became {loss_value} at step {step + 1} (samples {', '.join(batch)}); lower "
+                "train.learning_rate, use mixed_precision bf16 or no, and if the latents came from an fp16 "
+                "VAE use encode.vae_dtype fp32 or madebyollin/sdxl-vae-fp16-fix; no LoRA was exported and "
+                "the last good checkpoint is kept"
             )
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
         if live is not None:
@@ -462,7 +467,7 @@ def trim_train_log(start_step: int) -> None:
     for table in (paths.TRAIN_METRICS / "plots" / "metrics").glob("*.tsv"):
         header, *lines = table.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.endswith("\n") and int(line.split("\t")[0]) < start_step]
-        table.write_text(header + "".join(kept))
+        write_text(header + "".join(kept), table)
     (paths.TRAIN_METRICS / "metrics.json").unlink(missing_ok=True)
 
 
@@ -490,7 +495,7 @@ def save_validation_grid(
         images = generate_validation_images(pipeline, validation)
     paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)
     grid = image_grid([image for _, image in images], len(validation.sizes))
-    grid.save(paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
+    write_png(grid, paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
     return images
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from peft import LoraConfig
 
 from sdxl_lib.config import TrainParams
 from sdxl_lib.errors import UserError
+from sdxl_lib.sources import PICKLE_SUFFIXES
 
 ATTENTION = ["to_k", "to_q", "to_v", "to_out.0"]
 # peft matches each name against the end of a module's path.
@@ -53,16 +55,42 @@ def lora_config(cfg: TrainParams, text_encoder: bool = False) -> LoraConfig:
     )
 
 
-def load_init_lora(models: dict[str, torch.nn.Module], path: str) -> set[str]:
+def load_pickled_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A torch.load LoRA file, unpickled with weights_only=True: tensors and plain containers only,
+    so a file that would run code is refused instead of run."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(f"train.init_lora: {file} holds more than tensors, refused ({first_line})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"train.init_lora: {file} is not a mapping of names to tensors")
+    return state
+
+
+def load_init_lora(models: dict[str, torch.nn.Module], path: str, allow_pickle: bool = False) -> set[str]:
     """Make an existing LoRA the adapter to train, read the way diffusers' `load_lora_weights` reads it
     (which also converts kohya / A1111 files); it keeps its own rank, alpha and targets. `models` are
     the components being trained by name (unet, text_encoder, text_encoder_2); returns the names the
     file gave an adapter (the U-Net always; a text encoder if the file has its weights)."""
     file = Path(path)
-    if file.suffix != ".safetensors" or not file.is_file():
-        raise UserError(f"train.init_lora: {path} is not a .safetensors file (only safetensors are loaded)")
+    if not file.is_file():
+        raise UserError(f"train.init_lora: {path} does not exist")
+    if file.suffix == ".safetensors":
+        source: str | dict[str, torch.Tensor] = str(file.parent)
+        where = {"weight_name": file.name}
+    elif file.suffix in PICKLE_SUFFIXES and allow_pickle:
+        source, where = load_pickled_tensors(file), {}
+    elif file.suffix in PICKLE_SUFFIXES:
+        raise UserError(
+            f"train.init_lora: {path} is a pickle file, which can run code when loaded; convert it to "
+            ".safetensors, or set model.allow_pickle_weights: true to load it with weights_only=True"
+        )
+    else:
+        raise UserError(f"train.init_lora: {path} is not a .safetensors file")
     state, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
-        str(file.parent), weight_name=file.name, unet_config=models["unet"].config, return_lora_metadata=True
+        source, unet_config=models["unet"].config, return_lora_metadata=True, **where
     )
     if not any(key.startswith("unet.") for key in state):
         raise UserError(f"train.init_lora: {path} holds no U-Net LoRA weights")
