@@ -47,6 +47,18 @@ class ValidationParams(Section):
     validation_num_inference_steps: int = Field(30, ge=1)
     validation_seed: int = 0
     validation_steps: int | None = Field(None, ge=1)  # also during training, with base images at step 0
+    # Live previews (SimpleTuner's): every validation_preview_steps denoising steps the latents are
+    # decoded by a tiny autoencoder and posted to webhook_url as JSON (step, prompt, PNG).
+    validation_preview: bool = False
+    validation_preview_steps: int = Field(1, ge=1)
+    validation_preview_model: str = "madebyollin/taesdxl"  # an AutoencoderTiny, or builtin:tiny-taesd
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _preview_needs_a_webhook(self) -> ValidationParams:
+        if self.validation_preview and not self.webhook_url:
+            raise ValueError("validation_preview needs webhook_url (where the previews are posted)")
+        return self
 
     @property
     def prompts(self) -> list[str]:

@@ -26,12 +26,20 @@ from sdxl_lib.config import DatasetSource, DownloadParams, Params
 from sdxl_lib.data.demo import generate_demo_dataset
 from sdxl_lib.data.files import copy_dataset
 from sdxl_lib.errors import UserError
-from sdxl_lib.models.builtin import TINY_CLIP, TINY_SDXL, build_tiny_clip, build_tiny_sdxl
+from sdxl_lib.models.builtin import (
+    TINY_CLIP,
+    TINY_SDXL,
+    TINY_TAESD,
+    build_tiny_clip,
+    build_tiny_sdxl,
+    build_tiny_taesd,
+)
 
 BUILTIN_DEMO = "builtin:demo"
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     TINY_SDXL: build_tiny_sdxl,
     TINY_CLIP: build_tiny_clip,
+    TINY_TAESD: build_tiny_taesd,
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a diffusers / transformers folder needs: no pickles, no fp16 or ONNX duplicates.

@@ -7,6 +7,7 @@ import typer
 from sdxl_lib import paths
 from sdxl_lib.config import load_params
 from sdxl_lib.evaluate.run import evaluate
+from sdxl_lib.export import lora_file
 from sdxl_lib.io import write_json
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
@@ -14,7 +15,8 @@ from stages.common import PARAMS_OPTION, run
 
 def main(params_file: Path = PARAMS_OPTION) -> None:
     """Write metrics/evaluate/metrics.json, per-timestep losses and the validation images."""
-    result = evaluate(load_params(params_file), read_lock(paths.LOCK), paths.EVAL_METRICS)
+    lora = lora_file(paths.LORA)  # the diffusers-layout file, or the kohya one (lora_format kohya)
+    result = evaluate(load_params(params_file), read_lock(paths.LOCK), paths.EVAL_METRICS, lora)
     write_json(result["metrics"], paths.EVAL_METRICS / "metrics.json")
     write_json(result["by_timestep"], paths.EVAL_METRICS / "eval_loss_by_timestep.json")
     m = result["metrics"]

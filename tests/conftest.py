@@ -107,5 +107,41 @@ def trained_pipeline(cfg: Any, text_encoders: bool) -> tuple[Any, dict[str, Any]
     return pipeline, models
 
 
+class RecordingServer:
+    """A real HTTP server on localhost that records each POSTed JSON document and answers `status`."""
+
+    def __init__(self, status: int = 200) -> None:
+        import http.server
+        import threading
+
+        self.documents: list[dict] = []
+        self.requests = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                server.requests += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if status == 200:
+                    server.documents.append(json.loads(body))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hooks/secret-token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> RecordingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())

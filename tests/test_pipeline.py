@@ -22,8 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdxl_lib.config import load_params
-from sdxl_lib.export import LORA_WEIGHTS
-from sdxl_lib.sources import model_path
+from sdxl_lib.evaluate.run import evaluate
+from sdxl_lib.export import KOHYA_WEIGHTS, LORA_WEIGHTS
+from sdxl_lib.sources import model_path, read_lock
 from sdxl_lib.train.utils import BatchOrder
 
 
@@ -284,9 +285,53 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_evaluate_lora_scores_any_lora_file_as_the_evaluate_stage_does(
+    demo_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second evaluation of the same LoRA gives the stage's eval loss exactly; the kohya layout (what
+    other trainers write) evaluated by the command gives it up to float rounding."""
+    stage = read_json(demo_project / "metrics/evaluate/metrics.json")
+    with monkeypatch.context() as inside:
+        inside.chdir(demo_project)
+        lora = demo_project / "models/lora" / LORA_WEIGHTS
+        again = evaluate(
+            load_params("params.yaml"), read_lock(Path("data/lock.json")), tmp_path / "again", lora
+        )
+    assert (again["metrics"]["eval_loss"], again["metrics"]["eval_loss_base"]) == (
+        stage["eval_loss"],
+        stage["eval_loss_base"],
+    )
+    kohya = demo_project / "models/lora" / KOHYA_WEIGHTS
+    result = run(["sdxl-lora", "evaluate-lora", str(kohya), "-o", str(tmp_path / "kohya")], demo_project)
+    assert "evaluate-lora lora_kohya.safetensors: eval_loss" in result.stdout
+    scored = read_json(tmp_path / "kohya/metrics.json")
+    assert scored["eval_loss"] == pytest.approx(stage["eval_loss"], rel=1e-5)
+    assert (
+        scored["eval_loss_base"] == stage["eval_loss_base"]
+        and scored["eval_samples"] == stage["eval_samples"]
+    )
+    assert len(list((tmp_path / "kohya/images").glob("lora_*.png"))) == 4
+    refused = run(["sdxl-lora", "evaluate-lora", str(tmp_path / "lora.ckpt")], demo_project, check=False)
+    assert refused.returncode == 2 and "not a .safetensors file" in refused.stderr
+
+
+def test_preview_settings_rerun_nothing(demo_project: Path, tmp_path: Path) -> None:
+    """Previews only watch a run: turning them on or pointing them elsewhere changes no artifact."""
+    project = tmp_path / "previews"
+    shutil.copytree(demo_project, project, symlinks=True)
+    previews = {
+        "validation_preview": True,
+        "validation_preview_steps": 5,
+        "webhook_url": "http://127.0.0.1:9/",
+    }
+    set_params(project, {f"validation.{key}": value for key, value in previews.items()})
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+
+
 def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path, tmp_path: Path) -> None:
     project = tmp_path / "exp"
     shutil.copytree(demo_project, project, symlinks=True)
+    set_params(project, {"train.max_train_steps": 20, "validation.validation_steps": None})  # a short run
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo run"], project)
     params = (project / "params.yaml").read_text()
@@ -331,6 +376,7 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
             "train.gradient_accumulation_steps": 2,
             "validation.validation_steps": 2,
             "validation.validation_resolution": "128x128,192x128",
+            "validation.validation_num_inference_steps": 2,  # bf16 autocast on a CPU is slow
         },
     )
     before = load_file(project / "models/lora" / LORA_WEIGHTS)
@@ -357,6 +403,7 @@ def test_text_encoder_lora_trains_and_evaluates_under_dvc(demo_project: Path, tm
             "train.gradient_checkpointing": True,
             "train.max_train_steps": 3,
             "train.validate_at_end": False,
+            "validation.validation_steps": None,  # no base grid at step 0: bf16 autocast on a CPU is slow
         },
     )
     result = run(["dvc", "repro"], project)

@@ -169,9 +169,13 @@ def test_allow_symlinks_follows_links_out_of_the_dataset(tmp_path: Path) -> None
     outside.mkdir()
     noise((64, 64), 1).save(outside / "secret.png")
     (source / "link.png").symlink_to(outside / "secret.png")
-    assert copy_dataset(source, tmp_path / "strict", allowed=source, max_extracted_gb=1) != []
-    assert copy_dataset(source, tmp_path / "allowed", allowed=None, max_extracted_gb=1) == []
+    # a file that opens but cannot be read (EIO), which even root meets: a process's memory at offset 0
+    (source / "unreadable.png").symlink_to("/proc/self/mem")
+    assert len(copy_dataset(source, tmp_path / "strict", allowed=source, max_extracted_gb=1)) == 2
+    skipped = copy_dataset(source, tmp_path / "allowed", allowed=None, max_extracted_gb=1)
+    assert skipped == [{"path": "unreadable.png", "reason": "unreadable: Input/output error"}]
     assert (tmp_path / "allowed/link.png").read_bytes() == (outside / "secret.png").read_bytes()
+    assert not (tmp_path / "allowed/unreadable.png").exists()
 
 
 def tar_with(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> None:

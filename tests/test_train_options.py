@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import tiny_pipeline
+from conftest import RecordingServer, tiny_pipeline
 from diffusers import StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -37,13 +37,16 @@ def project(demo_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return copy
 
 
-def train_with(project: Path, monkeypatch: pytest.MonkeyPatch, **overrides: object) -> dict:
-    """Train STEPS steps in `project` with train.<key> overrides; returns the LoRA tensors."""
+def train_with(
+    project: Path, monkeypatch: pytest.MonkeyPatch, validation: dict | None = None, **overrides: object
+) -> dict:
+    """Train STEPS steps in `project` with train.<key> (and `validation`) overrides; returns the LoRA."""
     monkeypatch.chdir(project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"].update(
         {"max_train_steps": STEPS, "validate_at_end": False, "checkpointing_steps": 1000, **overrides}
     )
+    raw["validation"].update(validation or {})
     train(parse_params(raw), read_lock(paths.LOCK))
     return load_file(project / paths.LORA / LORA_WEIGHTS)
 
@@ -296,11 +299,28 @@ def test_model_card_shows_only_images_of_the_exported_weights(
 ) -> None:
     """Without validate_at_end the last validation (step 2 of 3) is not what the LoRA makes, so the
     card gets no widget images from it."""
-    monkeypatch.chdir(project)
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["train"].update(max_train_steps=STEPS, validate_at_end=False, checkpointing_steps=1000)
-    raw["validation"]["validation_steps"] = 2
-    train(parse_params(raw), read_lock(paths.LOCK))
+    train_with(project, monkeypatch, validation={"validation_steps": 2})
     assert (project / paths.VALIDATION_IMAGES / "step-000002.png").is_file()
     front = yaml.safe_load((project / paths.LORA / "README.md").read_text().split("---\n", 2)[1])
     assert "widget" not in front and not (project / paths.LORA / "images").exists()
+
+
+def test_training_posts_validation_previews_to_the_webhook(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validation_preview during a real train run: each validation image sends
+    validation_num_inference_steps / validation_preview_steps previews, tagged with the training step."""
+    with RecordingServer() as server:
+        previews = {
+            "validation_preview": True,
+            "validation_preview_steps": 2,
+            "validation_preview_model": "builtin:tiny-taesd",
+            "validation_num_inference_steps": 4,
+            "validation_steps": None,
+            "webhook_url": server.url,
+        }
+        train_with(project, monkeypatch, validation=previews, validate_at_end=True)
+    prompts = parse_params(yaml.safe_load((project / "params.yaml").read_text())).validation.prompts
+    assert [(d["prompt"], d["step"], d["inference_step"]) for d in server.documents] == [
+        (prompt, STEPS, step) for prompt in prompts for step in (2, 4)
+    ]

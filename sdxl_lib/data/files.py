@@ -85,6 +85,7 @@ def copy_dataset(source: Path, target: Path, allowed: Path | None, max_extracted
             try:
                 shutil.copy2(path, destination)
             except OSError as err:
+                destination.unlink(missing_ok=True)  # a copy cut short is not the file
                 skipped.append({"path": relative, "reason": f"unreadable: {err.strerror}"})
     return skipped
 

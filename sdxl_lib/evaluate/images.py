@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sdxl_lib.config import ValidationParams
+from sdxl_lib.evaluate.previews import Previews
 from sdxl_lib.io import write_png
 
 GRID_CELL_HEIGHT = 256
@@ -17,10 +18,14 @@ GRID_CELL_HEIGHT = 256
 
 @torch.no_grad()
 def generate_validation_images(
-    pipeline: StableDiffusionXLPipeline, params: ValidationParams
+    pipeline: StableDiffusionXLPipeline,
+    params: ValidationParams,
+    previews: Previews | None = None,
+    training_step: int = 0,
 ) -> list[tuple[str, Image.Image]]:
     """(prompt, image) for each validation prompt at each validation resolution, prompt by prompt.
-    Each prompt has its own fixed seed, the same at every resolution, step and run."""
+    Each prompt has its own fixed seed, the same at every resolution, step and run. With `previews`,
+    the images forming are posted as they denoise."""
     jobs = [(i, prompt, size) for i, prompt in enumerate(params.prompts) for size in params.sizes]
     images = []
     for index, prompt, (width, height) in tqdm(jobs, desc="validation", unit="img", leave=False):
@@ -33,6 +38,7 @@ def generate_validation_images(
             guidance_scale=params.validation_guidance,
             num_inference_steps=params.validation_num_inference_steps,
             generator=generator,
+            callback_on_step_end=previews.callback(prompt, training_step) if previews else None,
         ).images[0]
         images.append((prompt, image))
     return images

@@ -16,7 +16,7 @@ from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.clip_score import ClipScorer
 from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
-from sdxl_lib.export import lora_components, lora_file
+from sdxl_lib.export import lora_components
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline
 from sdxl_lib.sources import model_path, pin_model
 
@@ -30,9 +30,9 @@ def _stats(prefix: str, scores: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(params: Params, lock: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Score base and LoRA on identical inputs; writes per-timestep losses and images to `out_dir`."""
-    lora = lora_file(paths.LORA)  # the diffusers-layout file, or the kohya one (lora_format kohya)
+def evaluate(params: Params, lock: dict[str, Any], out_dir: Path, lora: Path) -> dict[str, Any]:
+    """Score the base model and base + the LoRA file `lora` (diffusers or kohya layout, any trainer)
+    on identical inputs; writes the validation images to `out_dir`."""
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")

@@ -75,10 +75,10 @@ IGNORED = {
     "report_to": "metrics are logged with DVCLive: see them with `dvc plots show` and `dvc exp show`",
     "resume_from_checkpoint": "train resumes by itself from models/checkpoints after an interruption",
     "attention_mechanism": "PyTorch's scaled-dot-product attention is always used",
-    "validation_preview": "streaming previews to a webhook is not supported yet",
-    "validation_preview_steps": "streaming previews to a webhook is not supported yet",
     "push_to_hub": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
     "hub_model_id": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
+    "webhook_config": "its Discord / raw message formats are not ours; validation.webhook_url receives "
+    "the previews as JSON (README, Watch validation images form)",
 }
 # Keys read above by their own rules (not copied as they are).
 TRANSLATED = {

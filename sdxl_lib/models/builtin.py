@@ -24,6 +24,7 @@ from sdxl_lib.models.tokenizer import write_clip_tokenizer_files
 
 TINY_SDXL = "builtin:tiny-sdxl"
 TINY_CLIP = "builtin:tiny-clip"
+TINY_TAESD = "builtin:tiny-taesd"
 BUILTIN_SEED = 20240101
 # Random CLIP embeddings are often anti-aligned, which clips every score to 0; this seed's are
 # not, so the demo's CLIP scores move. With random weights they measure nothing but the plumbing.
@@ -137,3 +138,17 @@ def build_tiny_clip(directory: Path, seed: int = TINY_CLIP_SEED) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     processor.save_pretrained(directory)
+
+
+def build_tiny_taesd(directory: Path, seed: int = BUILTIN_SEED) -> None:
+    """Write a tiny AutoencoderTiny folder (madebyollin/taesdxl's layout: 4 latent channels, x8)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    ).save_pretrained(directory, safe_serialization=True)

@@ -6,11 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDPMScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.configuration_utils import FrozenDict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdxl_lib.sources import model_path
+from sdxl_lib.sources import model_path, pin_model
 
 
 def weights(entry: dict[str, Any]) -> dict[str, bool | None]:
@@ -79,6 +85,11 @@ def load_pipeline(
     if scheduler_overrides:  # sample as the LoRA was trained (v-prediction, zero-SNR betas)
         pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **scheduler_overrides)
     return pipeline
+
+
+def load_preview_decoder(source: str) -> AutoencoderTiny:
+    """The tiny autoencoder that decodes validation previews (pinned when first used, like clip_model)."""
+    return AutoencoderTiny.from_pretrained(model_path(pin_model(source)), use_safetensors=True)
 
 
 def latent_scaling(lock: dict[str, Any]) -> tuple[float, float]:

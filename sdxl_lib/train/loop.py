@@ -37,6 +37,7 @@ from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
+from sdxl_lib.evaluate.previews import Previews, Webhook
 from sdxl_lib.export import lora_state, save_lora, save_widget_images, write_card
 from sdxl_lib.interop.metadata import training_metadata
 from sdxl_lib.io import write_png, write_text
@@ -44,6 +45,7 @@ from sdxl_lib.models.loading import (
     latent_scaling,
     load_noise_scheduler,
     load_pipeline,
+    load_preview_decoder,
     load_text_encoders,
     load_unet,
 )
@@ -281,13 +283,18 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
 
     # Validation images every validation_steps (base model at step 0) and at the end, main process only.
     validation = params.validation
-    pipeline = None
+    pipeline, previews = None, None
     final_images: list[tuple[str, Image.Image]] = []  # the last validation, for the model card
     if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
         pipeline = load_pipeline(lock, scheduler_overrides=cfg.scheduler_overrides, **unwrapped).to(device)
+        if validation.validation_preview:
+            decoder = load_preview_decoder(validation.validation_preview_model).to(device)
+            previews = Previews(
+                decoder, validation.validation_preview_steps, Webhook(str(validation.webhook_url))
+            )
         if validation.validation_steps and start_step == 0:
             with without_adapters(unwrapped.values()):
-                save_validation_grid(pipeline, validation, 0, accelerator)
+                save_validation_grid(pipeline, validation, 0, accelerator, previews)
 
     accumulation = cfg.gradient_accumulation_steps
     pin = device.type == "cuda"
@@ -409,7 +416,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
             set_training(models.values(), optimizer, False)
-            images = save_validation_grid(pipeline, validation, done, accelerator)
+            images = save_validation_grid(pipeline, validation, done, accelerator, previews)
             if done == max_steps:  # the card shows what the exported weights make, nothing earlier
                 final_images = images
             set_training(models.values(), optimizer, True)
@@ -486,13 +493,17 @@ def checkpoint_on_first_sigint() -> threading.Event:
 
 
 def save_validation_grid(
-    pipeline: StableDiffusionXLPipeline, validation: ValidationParams, step: int, accelerator: Accelerator
+    pipeline: StableDiffusionXLPipeline,
+    validation: ValidationParams,
+    step: int,
+    accelerator: Accelerator,
+    previews: Previews | None = None,
 ) -> list[tuple[str, Image.Image]]:
     """metrics/train/validation/step-NNNNNN.png: a row per prompt, a column per resolution; returns
     the (prompt, image) pairs. The pipeline draws from its own seeded generators, so training's
     random numbers are untouched."""
     with torch.no_grad(), accelerator.autocast():
-        images = generate_validation_images(pipeline, validation)
+        images = generate_validation_images(pipeline, validation, previews, step)
     paths.VALIDATION_IMAGES.mkdir(parents=True, exist_ok=True)
     grid = image_grid([image for _, image in images], len(validation.sizes))
     write_png(grid, paths.VALIDATION_IMAGES / f"step-{step:06d}.png")
