@@ -36,12 +36,14 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path, lora: Path) ->
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
-    latents = open_latents(params.encode, lock, rows, "cpu")
+    # On a GPU when there is one: a real SDXL's eval loss and 1 MP renders would take hours on a CPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    latents = open_latents(params.encode, lock, rows, device)
     texts = TextCache.open(paths.TEXT)
     scheduler = load_noise_scheduler(lock, **params.train.scheduler_overrides)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
-    pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides)
+    pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides).to(device)
     online = bool(lora_components(lora) - {"unet"})
 
     def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
