@@ -7,8 +7,7 @@ import typer
 from sdxl_lib import paths
 from sdxl_lib.config import load_params
 from sdxl_lib.errors import UserError
-from sdxl_lib.evaluate.run import evaluate
-from sdxl_lib.io import write_json
+from sdxl_lib.evaluate.run import evaluate, summary
 from sdxl_lib.sources import read_lock
 from stages.common import PARAMS_OPTION, run
 
@@ -28,14 +27,10 @@ def main(
         if not (cache / "index.parquet").is_file():
             raise UserError(f"{cache}: no cache yet; run `dvc repro encode_latents encode_text` first")
     out_dir = output or Path("eval") / lora.stem
-    result = evaluate(load_params(params_file), read_lock(paths.LOCK), out_dir, lora)
-    write_json(result["metrics"], out_dir / "metrics.json")
-    write_json(result["by_timestep"], out_dir / "eval_loss_by_timestep.json")
-    m = result["metrics"]
+    metrics = evaluate(load_params(params_file), read_lock(paths.LOCK), out_dir, lora)["metrics"]
     typer.echo(
-        f"evaluate-lora {lora.name}: eval_loss {m['eval_loss']:.4f} (base {m['eval_loss_base']:.4f}), "
-        f"clip_score {m['clip_score']:.2f} (base {m['clip_score_base']:.2f}) on {m['eval_samples']} held-out "
-        f"images; written to {out_dir}"
+        f"evaluate-lora {lora.name}: {summary(metrics)} on {metrics['eval_samples']} held-out images; "
+        f"written to {out_dir}"
     )
 
 

@@ -129,15 +129,18 @@ def _too_large(total: int, limit: int) -> str:
     )
 
 
+def refusal(names: list[str], total: int, limit: int) -> str | None:
+    """Why a whole archive (its member names, their declared total size) may not be unpacked."""
+    problems = (member_problem(name) for name in names)
+    return next((p for p in problems if p), None) or (_too_large(total, limit) if total > limit else None)
+
+
 def _extract_zip(archive: Path, relative: str, folder: Path, limit: int) -> list[dict]:
     with zipfile.ZipFile(archive) as zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
-        for member in members:
-            if problem := member_problem(member.filename):
-                return [{"path": relative, "reason": problem}]
         total = sum(m.file_size for m in members)
-        if total > limit:
-            return [{"path": relative, "reason": _too_large(total, limit)}]
+        if problem := refusal([m.filename for m in members], total, limit):
+            return [{"path": relative, "reason": problem}]
         written = 0
         for member in members:
             destination = folder / member.filename
@@ -155,12 +158,9 @@ def _extract_zip(archive: Path, relative: str, folder: Path, limit: int) -> list
 
 def _extract_tar(tar: tarfile.TarFile, relative: str, folder: Path, limit: int) -> list[dict]:
     members = tar.getmembers()
-    for member in members:
-        if problem := member_problem(member.name):
-            return [{"path": relative, "reason": problem}]
     total = sum(m.size for m in members if m.isfile())
-    if total > limit:
-        return [{"path": relative, "reason": _too_large(total, limit)}]
+    if problem := refusal([m.name for m in members], total, limit):
+        return [{"path": relative, "reason": problem}]
     skipped = [
         {"path": f"{relative}/{m.name}", "reason": "archive_member_not_a_file"}
         for m in members

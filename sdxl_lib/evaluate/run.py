@@ -17,6 +17,7 @@ from sdxl_lib.evaluate.clip_score import ClipScorer
 from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
 from sdxl_lib.export import lora_components
+from sdxl_lib.io import write_json
 from sdxl_lib.models.loading import latent_scaling, load_noise_scheduler, load_pipeline
 from sdxl_lib.sources import model_path, pin_model
 
@@ -32,7 +33,8 @@ def _stats(prefix: str, scores: torch.Tensor) -> dict[str, float]:
 
 def evaluate(params: Params, lock: dict[str, Any], out_dir: Path, lora: Path) -> dict[str, Any]:
     """Score the base model and base + the LoRA file `lora` (diffusers or kohya layout, any trainer)
-    on identical inputs; writes the validation images to `out_dir`."""
+    on identical inputs; writes metrics.json, eval_loss_by_timestep.json and the validation images
+    to `out_dir`, and returns the first two."""
     rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "eval"]
     if not rows:
         raise UserError("the eval split is empty: set bucket.eval_fraction above 0 (e.g. 0.1)")
@@ -89,4 +91,14 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path, lora: Path) ->
         {"timestep": int(t), "eval_loss_base": float(b), "eval_loss": float(lo)}
         for t, b, lo in zip(timesteps, results["loss_base"], results["loss_lora"], strict=True)
     ]
+    write_json(metrics, out_dir / "metrics.json")
+    write_json(by_timestep, out_dir / "eval_loss_by_timestep.json")
     return {"metrics": metrics, "by_timestep": by_timestep}
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The line the evaluate commands print."""
+    return (
+        f"eval_loss {metrics['eval_loss']:.4f} (base {metrics['eval_loss_base']:.4f}), "
+        f"clip_score {metrics['clip_score']:.2f} (base {metrics['clip_score_base']:.2f})"
+    )
