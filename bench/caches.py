@@ -40,7 +40,7 @@ from sdxl_lib.cache.text import TextCache, encode_captions, encode_prompts
 from sdxl_lib.config import BucketParams
 from sdxl_lib.data.demo import generate_demo_dataset
 from sdxl_lib.data.plan import build_plan
-from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.models import TINY_SDXL
 from sdxl_lib.models.loading import load_text_encoders, load_vae
 from sdxl_lib.sources import pin_model
 from sdxl_lib.train.loop import batch_inputs

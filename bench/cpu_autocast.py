@@ -11,7 +11,7 @@ import time
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.models import TINY_SDXL
 from sdxl_lib.sources import model_path, pin_model
 
 

@@ -49,7 +49,11 @@ def run_steps(project: Path, batch_size: int, steps: int, profile: bool) -> None
     os.chdir(project)
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["train"].update(
-        train_batch_size=batch_size, max_train_steps=steps, validate_at_end=False, checkpointing_steps=10**6
+        train_batch_size=batch_size,
+        max_train_steps=steps,
+        validate_at_end=False,
+        eval_steps=None,
+        checkpointing_steps=10**6,
     )
     raw["validation"]["validation_steps"] = None
     Path("params.yaml").write_text(yaml.safe_dump(raw))

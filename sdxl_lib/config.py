@@ -274,6 +274,11 @@ class TrainParams(Section):
     checkpointing_steps: int = Field(500, ge=1)
     checkpoints_total_limit: int = Field(2, ge=1)
     validate_at_end: bool = True
+    # Eval loss (the evaluate section's timesteps and noise) on the held-out split every eval_steps,
+    # from the base at step 0 to the end: the `eval_loss` plot against step. Off when None.
+    eval_steps: int | None = Field(None, ge=1)
+    # Trackers besides DVCLive (always on), through accelerate; their logs go to logs/.
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
     seed: int = 42
 
     @field_validator("mixed_precision", mode="before")

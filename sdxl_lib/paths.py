@@ -19,3 +19,4 @@ CHECKPOINTS = Path("models/checkpoints")
 TRAIN_METRICS = Path("metrics/train")
 VALIDATION_IMAGES = TRAIN_METRICS / "validation"
 EVAL_METRICS = Path("metrics/evaluate")
+TRACKER_LOGS = Path("logs")  # train.report_to: tensorboard / wandb files, not versioned

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,15 @@ from sdxl_lib.config import DatasetSource, DownloadParams, Params
 from sdxl_lib.data.demo import generate_demo_dataset
 from sdxl_lib.data.files import copy_dataset
 from sdxl_lib.errors import UserError
-from sdxl_lib.models.builtin import (
-    TINY_CLIP,
-    TINY_SDXL,
-    TINY_TAESD,
-    build_tiny_clip,
-    build_tiny_sdxl,
-    build_tiny_taesd,
-)
+from sdxl_lib.models import TINY_CLIP, TINY_SDXL, TINY_TAESD
 
 BUILTIN_DEMO = "builtin:demo"
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
-    TINY_SDXL: build_tiny_sdxl,
-    TINY_CLIP: build_tiny_clip,
-    TINY_TAESD: build_tiny_taesd,
+# Their generators, in sdxl_lib.models.builtin, are imported only to build one: the stages that only
+# name a model (download of a folder, bucket) start without loading torch and diffusers.
+BUILTIN_MODELS = {
+    TINY_SDXL: "build_tiny_sdxl",
+    TINY_CLIP: "build_tiny_clip",
+    TINY_TAESD: "build_tiny_taesd",
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a diffusers / transformers folder needs: no pickles, no fp16 or ONNX duplicates.
@@ -104,11 +98,13 @@ def _generator_fingerprint() -> str:
 
 def _build_builtin(name: str) -> Path:
     """Generate a built-in model once (atomically, so concurrent stages never see half a folder)."""
+    from sdxl_lib.models import builtin
+
     target = home() / "builtin" / f"{name.removeprefix('builtin:')}-{_generator_fingerprint()}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            BUILTIN_MODELS[name](Path(tmp) / "model")
+            getattr(builtin, BUILTIN_MODELS[name])(Path(tmp) / "model")
             # If another process finished first, theirs is identical: keep it.
             with contextlib.suppress(OSError):
                 os.rename(Path(tmp) / "model", target)

@@ -1,40 +1,48 @@
 """`sdxl-lora`: every pipeline stage as a subcommand (what dvc.yaml runs)."""
 
+import importlib
+import sys
+from collections.abc import Iterable
+
 import typer
 
-from stages import (
-    bucket,
-    configure,
-    download,
-    encode_latents,
-    encode_text,
-    evaluate,
-    evaluate_lora,
-    export,
-    import_simpletuner,
-    train,
-)
 from stages.common import guarded
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="SDXL LoRA training as a DVC pipeline of stages.",
-)
-for name, module in [
-    ("download", download),
-    ("bucket", bucket),
-    ("encode_latents", encode_latents),
-    ("encode_text", encode_text),
-    ("train", train),
-    ("evaluate", evaluate),
-    ("evaluate-lora", evaluate_lora),
-    ("export", export),
-    ("import-simpletuner", import_simpletuner),
-    ("configure", configure),
-]:
-    app.command(name, help=module.main.__doc__)(guarded(module.main))
+# command -> module in stages/. `sdxl-lora <command>` imports that command's module only, so
+# `sdxl-lora bucket` starts without loading torch and diffusers, which it does not use.
+COMMANDS = {
+    "download": "download",
+    "bucket": "bucket",
+    "encode_latents": "encode_latents",
+    "encode_text": "encode_text",
+    "train": "train",
+    "evaluate": "evaluate",
+    "evaluate-lora": "evaluate_lora",
+    "export": "export",
+    "import-simpletuner": "import_simpletuner",
+    "configure": "configure",
+}
+
+
+def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
+    """The `sdxl-lora` command with these subcommands."""
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        help="SDXL LoRA training as a DVC pipeline of stages.",
+    )
+    app.callback()(lambda: None)  # a group even with one subcommand: `sdxl-lora bucket` keeps its name
+    for name in names:
+        module = importlib.import_module(f"stages.{COMMANDS[name]}")
+        app.command(name, help=module.main.__doc__)(guarded(module.main))
+    return app
+
+
+def main() -> None:
+    requested = [arg for arg in sys.argv[1:2] if arg in COMMANDS]
+    build_app(requested or COMMANDS)()  # without a known command, --help and errors list them all
+
 
 if __name__ == "__main__":
-    app()
+    main()

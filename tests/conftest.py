@@ -17,6 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # The environment running the tests also provides `dvc`, `sdxl-lora` and `python` to subprocesses.
 BIN = Path(sys.executable).parent
+DEMO_STEPS = 100  # demo_project's training run
 
 # Set before the libraries are imported (huggingface_hub reads them once): built-in models go to
 # a temp home, and the Hub is offline so no test can reach the network.
@@ -64,11 +65,17 @@ def new_project(directory: Path, overrides: dict | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole pipeline run once with `dvc repro` on the demo.
+    """The whole pipeline run once with `dvc repro` on the demo, trained for half the demo's steps
+    (checkpoints, validation grids and eval loss every 50) to keep the suite's time in bounds.
 
     Encoders run one input at a time so the caches can be compared bit for bit with the models
     (CPU kernels differ in the last bits between batch sizes; a separate test bounds that)."""
-    overrides = {"encode.vae_batch_size": 1, "encode.text_batch_size": 1}
+    overrides = {
+        "encode.vae_batch_size": 1,
+        "encode.text_batch_size": 1,
+        **{"train.max_train_steps": DEMO_STEPS, "train.checkpointing_steps": DEMO_STEPS // 2},
+        **{"train.eval_steps": DEMO_STEPS // 2, "validation.validation_steps": DEMO_STEPS // 2},
+    }
     project = new_project(tmp_path_factory.mktemp("demo"), overrides)
     result = run(["dvc", "repro"], project)
     (project / "repro.log").write_text(result.stdout + result.stderr)
@@ -80,7 +87,7 @@ def tiny_pipeline() -> Any:
     the environment above is set)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdxl_lib.models.builtin import TINY_SDXL
+    from sdxl_lib.models import TINY_SDXL
     from sdxl_lib.sources import model_path, pin_model
 
     return StableDiffusionXLPipeline.from_pretrained(model_path(pin_model(TINY_SDXL)), use_safetensors=True)
@@ -145,3 +152,9 @@ class RecordingServer:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def read_tsv(path: Path) -> dict[int, float]:
+    """A DVCLive metric log: {step: value}."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
+    return {int(step): float(value) for step, value in rows}

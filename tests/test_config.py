@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from sdxl_lib.config import load_params, parse_params
 from sdxl_lib.errors import UserError
-from stages.cli import app
+from stages.cli import build_app
+
+app = build_app()
 
 ROOT = Path(__file__).resolve().parents[1]
 

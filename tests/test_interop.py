@@ -33,9 +33,12 @@ from sdxl_lib.export import (
     save_lora,
 )
 from sdxl_lib.interop.metadata import bucket_info, tag_frequency
-from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.interop.simpletuner import import_config
+from sdxl_lib.models import TINY_SDXL
 from sdxl_lib.sources import model_path, pin_model
-from stages.cli import app
+from stages.cli import build_app
+
+app = build_app()
 
 # The SimpleTuner SDXL quickstart's examples (../shared/reference/000_f6aa9dcf0b5bb480.txt), verbatim.
 QUICKSTART_CONFIG = {
@@ -259,6 +262,7 @@ def test_quickstart_imports_with_every_key_accounted_for(tmp_path: Path) -> None
         ({"optimizer": "soap"}, "optimizer 'soap' has no equivalent"),
         ({"use_dora": True, "lora_init_type": "pissa"}, "lora_init_type pissa"),
         ({"mixed_precision": "fp8"}, "train.mixed_precision"),
+        ({"report_to": "comet_ml"}, "train.report_to"),
     ],
 )
 def test_import_refuses_what_cannot_run_here(
@@ -269,6 +273,13 @@ def test_import_refuses_what_cannot_run_here(
     result = CliRunner().invoke(app, ["import-simpletuner", str(config), str(backend)])
     assert result.exit_code == 2 and message in result.output and result.exception is not None
     assert "Traceback" not in result.output and not (tmp_path / "params.yaml").exists()
+
+
+def test_trackers_and_the_eval_interval_import(tmp_path: Path) -> None:
+    settings = {"report_to": "tensorboard", "eval_steps_interval": 50}
+    config, backend = write_quickstart(tmp_path, QUICKSTART_CONFIG | settings, tmp_path / "images")
+    params = import_config(config, backend).params
+    assert (params.train.report_to, params.train.eval_steps) == ("tensorboard", 50)
 
 
 def demo_images(folder: Path, minimum_train: int) -> None:
@@ -302,12 +313,15 @@ def test_imported_quickstart_runs_under_dvc_repro(tmp_path: Path) -> None:
     files = write_quickstart(tmp_path, config, tmp_path / "pseudo-camera-10k")
     run(["sdxl-lora", "import-simpletuner", *map(str, files), "-o", "params.yaml"], project)
     # CLIP's local copy. Sized for a CPU: fp32, as bf16 autocast on a CPU is some 40x slower
-    # (BENCHMARKS.md), 4 sampling steps for the 1 MP renders instead of SimpleTuner's 30, and no
-    # base-model grid at step 0 (the run as imported passes too; it takes 4 minutes here).
+    # (BENCHMARKS.md), 4 sampling steps for the 1 MP renders instead of SimpleTuner's 30, no
+    # base-model grid at step 0 nor renders at the end of train, and 4 eval timesteps (the run as
+    # imported passes too; it takes 4 minutes here).
     cpu_sized = {
         "train.mixed_precision": "no",
         "validation.validation_num_inference_steps": 4,
         "validation.validation_steps": None,
+        "train.validate_at_end": False,
+        "evaluate.eval_timesteps": 4,
     }
     set_params(project, {"evaluate.clip_model": "builtin:tiny-clip", **cpu_sized})
     run(["dvc", "repro"], project)

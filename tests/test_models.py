@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
-from sdxl_lib.models.builtin import TINY_SDXL, build_tiny_sdxl
+from sdxl_lib.models import TINY_SDXL
+from sdxl_lib.models.builtin import build_tiny_sdxl
 from sdxl_lib.sources import model_path, pin_model, tree_hash
 
 

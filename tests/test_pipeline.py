@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BIN, new_project, read_json, run, set_params
+from conftest import BIN, DEMO_STEPS, new_project, read_json, read_tsv, run, set_params
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -53,8 +53,8 @@ def test_repro_writes_every_artifact(demo_project: Path) -> None:
     assert summary["skipped"] == {"too_small": len(skipped)} and len(skipped) > 0
     assert summary["eval"] > 0 and len(summary["buckets"]) >= 3
     grids = sorted(p.name for p in (demo_project / "metrics/train/validation").glob("*.png"))
-    assert grids == ["step-000000.png", "step-000100.png", "step-000200.png"]  # base, then every 100
-    assert Image.open(demo_project / "metrics/train/validation/step-000200.png").size == (256, 4 * 256)
+    assert grids == ["step-000000.png", "step-000050.png", "step-000100.png"]  # base, then every 50
+    assert Image.open(demo_project / "metrics/train/validation/step-000100.png").size == (256, 4 * 256)
     assert (demo_project / "metrics/bucket/contact_sheet.png").is_file()
     histogram = read_json(demo_project / "metrics/bucket/buckets.json")
     assert sum(b["images"] for b in histogram) == summary["kept"]
@@ -102,22 +102,36 @@ def test_lora_loads_in_diffusers_and_changes_output(demo_project: Path) -> None:
     assert (generate() - before).abs().max() > 1e-3
 
 
+def test_eval_loss_during_training_runs_from_the_base_to_what_evaluate_reports(demo_project: Path) -> None:
+    """train.eval_steps (50 here) scores as evaluate does: the same held-out inputs, so the curve
+    starts at the base model's eval loss and ends at the LoRA's."""
+    curve = read_tsv(demo_project / "metrics/train/plots/metrics/eval_loss.tsv")
+    final = read_json(demo_project / "metrics/evaluate/metrics.json")
+    assert list(curve) == [0, DEMO_STEPS // 2, DEMO_STEPS]
+    assert curve[0] == pytest.approx(final["eval_loss_base"], rel=1e-5)
+    assert curve[DEMO_STEPS] == pytest.approx(final["eval_loss"], rel=1e-5)
+    assert curve[DEMO_STEPS] != curve[0]
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(demo_project: Path, tmp_path: Path) -> None:
     """A rerun after a 'crash' resumes from the last checkpoint and ends bit-identical."""
     project = tmp_path / "copy"
     shutil.copytree(demo_project, project, symlinks=True)
     uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
+    eval_curve = read_tsv(project / "metrics/train/plots/metrics/eval_loss.tsv")
     checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"))
     assert checkpoints, "the demo run should have left a mid-run checkpoint"
     shutil.rmtree(project / "models/lora")
     # What a kill can leave behind: a half-written summary and log lines past the checkpoint.
     (project / "metrics/train/metrics.json").write_text('{"train_loss": 0.9')
     with (project / "metrics/train/plots/metrics/train_loss.tsv").open("a") as log:
-        log.write("200\t0.5\n201\t0.")
+        log.write(f"{DEMO_STEPS}\t0.5\n{DEMO_STEPS + 1}\t0.")
     result = run(["sdxl-lora", "train"], project)
     assert f"resuming from models/checkpoints/{checkpoints[-1].name}" in result.stdout + result.stderr
     logged = (project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
-    assert [int(line.split("\t")[0]) for line in logged] == list(range(200))
+    assert [int(line.split("\t")[0]) for line in logged] == list(range(DEMO_STEPS))
+    # the checkpoint's step is scored again on resuming, to the same value
+    assert read_tsv(project / "metrics/train/plots/metrics/eval_loss.tsv") == eval_curve
     resumed = load_file(project / "models/lora" / LORA_WEIGHTS)
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
@@ -375,8 +389,10 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
             "train.max_train_steps": 4,
             "train.gradient_accumulation_steps": 2,
             "validation.validation_steps": 2,
+            "validation.validation_prompt": "a red circle",  # one prompt: bf16 autocast on a CPU is slow
             "validation.validation_resolution": "128x128,192x128",
-            "validation.validation_num_inference_steps": 2,  # bf16 autocast on a CPU is slow
+            "validation.validation_num_inference_steps": 2,
+            "train.eval_steps": None,  # likewise
         },
     )
     before = load_file(project / "models/lora" / LORA_WEIGHTS)
@@ -387,7 +403,7 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
     grids = sorted((project / "metrics/train/validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-000000.png", "step-000002.png", "step-000004.png"]
-    assert Image.open(grids[-1]).size == (256 + 384, 4 * 256)  # a column per resolution
+    assert Image.open(grids[-1]).size == (256 + 384, 256)  # a column per resolution
 
 
 def test_text_encoder_lora_trains_and_evaluates_under_dvc(demo_project: Path, tmp_path: Path) -> None:
@@ -404,6 +420,7 @@ def test_text_encoder_lora_trains_and_evaluates_under_dvc(demo_project: Path, tm
             "train.max_train_steps": 3,
             "train.validate_at_end": False,
             "validation.validation_steps": None,  # no base grid at step 0: bf16 autocast on a CPU is slow
+            "train.eval_steps": None,
         },
     )
     result = run(["dvc", "repro"], project)

@@ -13,7 +13,7 @@ from PIL import Image
 from sdxl_lib.config import ValidationParams
 from sdxl_lib.evaluate.images import generate_validation_images
 from sdxl_lib.evaluate.previews import Previews, Webhook
-from sdxl_lib.models.builtin import TINY_TAESD
+from sdxl_lib.models import TINY_TAESD
 from sdxl_lib.models.loading import load_preview_decoder
 
 

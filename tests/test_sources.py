@@ -11,7 +11,7 @@ from conftest import new_project, read_json, run
 
 from sdxl_lib.config import DatasetSource, DownloadParams
 from sdxl_lib.errors import UserError
-from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.models import TINY_SDXL
 from sdxl_lib.models.loading import load_unet
 from sdxl_lib.sources import fetch_dataset, model_path, pin_model
 

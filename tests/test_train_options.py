@@ -4,18 +4,22 @@ length on the demo caches, in process (the stage itself is exercised in test_pip
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import RecordingServer, tiny_pipeline
+from conftest import RecordingServer, read_tsv, run, tiny_pipeline
 from diffusers import StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb.proto import wandb_internal_pb2
 
 from sdxl_lib import paths
 from sdxl_lib.config import TrainParams, parse_params
@@ -44,7 +48,13 @@ def train_with(
     monkeypatch.chdir(project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"].update(
-        {"max_train_steps": STEPS, "validate_at_end": False, "checkpointing_steps": 1000, **overrides}
+        {
+            "max_train_steps": STEPS,
+            "validate_at_end": False,
+            "checkpointing_steps": 1000,
+            "eval_steps": None,
+            **overrides,
+        }
     )
     raw["validation"].update(validation or {})
     train(parse_params(raw), read_lock(paths.LOCK))
@@ -99,7 +109,7 @@ def test_epochs_set_the_step_count(project: Path, monkeypatch: pytest.MonkeyPatc
     per_epoch = len(epoch_batches(rows, 4, 42, 0))
     monkeypatch.chdir(project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["train"].update(max_train_steps=None, num_train_epochs=2, validate_at_end=False)
+    raw["train"].update(max_train_steps=None, num_train_epochs=2, validate_at_end=False, eval_steps=None)
     assert train(parse_params(raw), read_lock(paths.LOCK))["steps"] == 2 * per_epoch
 
 
@@ -281,9 +291,11 @@ def test_text_encoder_lr_is_the_encoders_own(project: Path, monkeypatch: pytest.
 def test_text_encoder_training_resumes_exactly(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    settings = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2}
+    settings = {"train_text_encoder": True, "use_ema": True, "checkpointing_steps": 2, "eval_steps": 2}
     uninterrupted = train_with(project, monkeypatch, **settings)
     ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
+    eval_log = project / paths.TRAIN_METRICS / "plots/metrics/eval_loss.tsv"
+    eval_curve = read_tsv(eval_log)  # captions through the encoders being trained
     shutil.rmtree(project / paths.LORA)
     capsys.readouterr()
     resumed = train_with(project, monkeypatch, **settings)
@@ -292,6 +304,7 @@ def test_text_encoder_training_resumes_exactly(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
     resumed_ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
     assert all(torch.equal(resumed_ema[k], ema[k]) for k in ema)
+    assert list(eval_curve) == [0, 2, STEPS] and read_tsv(eval_log) == eval_curve
 
 
 def test_model_card_shows_only_images_of_the_exported_weights(
@@ -324,3 +337,87 @@ def test_training_posts_validation_previews_to_the_webhook(
     assert [(d["prompt"], d["step"], d["inference_step"]) for d in server.documents] == [
         (prompt, STEPS, step) for prompt in prompts for step in (2, 4)
     ]
+
+
+def wandb_history(run_file: Path) -> dict[str, dict[int, float]]:
+    """The logged metrics of an offline W&B run, {name: {step: value}}, read from its .wandb file: a
+    7-byte header, then LevelDB-log blocks of 32 KiB whose chunks (crc32, length, type: 1 full,
+    2 first, 3 middle, 4 last) carry protobuf Records."""
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending, history = 7, b"", {}
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # block trailer
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+                for name, value in items.items():
+                    if not name.startswith("_"):
+                        history.setdefault(name, {})[items["_step"]] = value
+    return history
+
+
+def tensorboard_history(run_dir: Path) -> dict[str, dict[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize(
+    ("report_to", "optimizer"), [("tensorboard", "adamw"), ("wandb", "adamw_schedulefree")]
+)
+def test_eval_steps_and_trackers_log_the_dvclive_values_and_change_no_training(
+    report_to: str, optimizer: str, project: Path, baseline: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluating draws none of training's random numbers and leaves the weights as they were, even
+    with schedule-free, whose switch to its averaged weights and back is not exact in floats."""
+    plain = baseline if optimizer == "adamw" else train_with(project, monkeypatch, optimizer=optimizer)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no account, no network: W&B writes its run locally
+    shutil.rmtree(project / paths.TRACKER_LOGS, ignore_errors=True)
+    trained = train_with(project, monkeypatch, optimizer=optimizer, eval_steps=2, report_to=report_to)
+    assert all(torch.equal(trained[k], plain[k]) for k in plain)
+    logged = {
+        name: read_tsv(project / paths.TRAIN_METRICS / "plots/metrics" / f"{name}.tsv")
+        for name in ("train_loss", "lr", "eval_loss")
+    }
+    assert list(logged["eval_loss"]) == [0, 2, STEPS] and list(logged["train_loss"]) == list(range(STEPS))
+    if report_to == "tensorboard":
+        (run_dir,) = (project / paths.TRACKER_LOGS / "tensorboard").glob("*/sdxl-lora")
+        tracked = tensorboard_history(run_dir)
+    else:
+        (run_file,) = (project / paths.TRACKER_LOGS / "wandb").glob("offline-run-*/run-*.wandb")
+        tracked = wandb_history(run_file)
+    assert tracked.keys() == logged.keys()
+    for name, values in logged.items():
+        assert tracked[name] == pytest.approx(values, rel=1e-6), name  # TensorBoard keeps float32
+
+
+def test_report_to_without_its_package_or_login_is_a_one_line_error(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B without a login, through the train command (W&B keeps its settings per process, so this one
+    runs alone); then tensorboard as if not installed."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"].update(report_to="wandb", max_train_steps=1)
+    (project / "wandb-params.yaml").write_text(yaml.safe_dump(raw))
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    no_login = {"WANDB_CONFIG_DIR": str(project / "no-wandb-login"), "NETRC": str(project / "no-netrc")}
+    result = run(["sdxl-lora", "train", "--params", "wandb-params.yaml"], project, check=False, **no_login)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = r"^error: train.report_to wandb: .*wandb login.*WANDB_MODE=offline"
+    assert re.search(expected, result.stderr, re.MULTILINE | re.IGNORECASE)
+    monkeypatch.setattr("sdxl_lib.train.loop.TRACKER_AVAILABLE", {"tensorboard": lambda: False})
+    missing = r"tensorboard package is not installed; pip install 'sdxl-lora\[trackers\]'"
+    with pytest.raises(UserError, match=missing):
+        train_with(project, monkeypatch, report_to="tensorboard")

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
 from sdxl_lib.evaluate.eval_loss import eval_timesteps
-from sdxl_lib.models.builtin import TINY_SDXL
+from sdxl_lib.models import TINY_SDXL
 from sdxl_lib.sources import model_path, pin_model
 from sdxl_lib.train.utils import (
     BatchOrder,

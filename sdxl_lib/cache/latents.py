@@ -8,15 +8,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from accelerate import PartialState
 from diffusers import AutoencoderKL
+from PIL import Image
 
 from sdxl_lib import paths
 from sdxl_lib.cache.shards import DTYPES, KeyedCache, build_incremental_cache, cached_shards
 from sdxl_lib.config import EncodeParams
-from sdxl_lib.data.images import open_rgb, resize_and_crop, to_tensor
+from sdxl_lib.data.images import open_rgb, resize_and_crop
 from sdxl_lib.errors import UserError
 from sdxl_lib.models.loading import load_vae
 
@@ -45,6 +47,12 @@ def latent_key(row: dict, vae_identity: str) -> str:
     """Everything a cached latent depends on: the image bytes, the crop, the flip, and the VAE."""
     determinants = [row[f] for f in CROP_FIELDS] + [vae_identity]
     return hashlib.sha256(json.dumps(determinants).encode()).hexdigest()[:32]
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def planned_pixels(row: dict, root: Path) -> torch.Tensor:

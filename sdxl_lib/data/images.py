@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -54,12 +53,6 @@ def resize_and_crop(
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image.crop((crop_left, crop_top, crop_left + target[0], crop_top + target[1]))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """[3, H, W] float32 in [-1, 1], the VAE's input range."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def caption_from_filename(path: Path) -> str:

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTokenizer
 
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents
+from sdxl_lib.cache.text import TextCache, encode_prompts
 from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target
 
 
@@ -17,6 +19,22 @@ def eval_timesteps(scheduler: DDPMScheduler, count: int) -> torch.Tensor:
     """`count` timesteps evenly spaced over the whole schedule."""
     last = scheduler.config.num_train_timesteps - 1
     return torch.linspace(0, last, count).round().long()
+
+
+def conditioning_of(
+    texts: TextCache | None, tokenizers: list[CLIPTokenizer], encoders: list[torch.nn.Module]
+) -> Callable[[str], tuple[torch.Tensor, torch.Tensor]]:
+    """A caption's (prompt_embeds, pooled_prompt_embeds): from the text cache, or, when `texts` is
+    None (text-encoder LoRAs), from `encoders` as they stand when called."""
+
+    def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if texts is not None:
+            return texts.embeds(caption)
+        with torch.no_grad():
+            embeds, pooled = encode_prompts(tokenizers, encoders, [caption])
+        return embeds[0], pooled[0]
+
+    return conditioning
 
 
 @torch.no_grad()

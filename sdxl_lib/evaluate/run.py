@@ -10,11 +10,11 @@ import torch
 
 from sdxl_lib import paths
 from sdxl_lib.cache.latents import open_latents
-from sdxl_lib.cache.text import TextCache, encode_prompts
+from sdxl_lib.cache.text import TextCache
 from sdxl_lib.config import Params
 from sdxl_lib.errors import UserError
 from sdxl_lib.evaluate.clip_score import ClipScorer
-from sdxl_lib.evaluate.eval_loss import eval_loss_by_timestep, eval_timesteps
+from sdxl_lib.evaluate.eval_loss import conditioning_of, eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, save_images
 from sdxl_lib.export import lora_components
 from sdxl_lib.io import write_json
@@ -41,25 +41,18 @@ def evaluate(params: Params, lock: dict[str, Any], out_dir: Path, lora: Path) ->
     # On a GPU when there is one: a real SDXL's eval loss and 1 MP renders would take hours on a CPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     latents = open_latents(params.encode, lock, rows, device)
-    texts = TextCache.open(paths.TEXT)
     scheduler = load_noise_scheduler(lock, **params.train.scheduler_overrides)
     timesteps = eval_timesteps(scheduler, params.evaluate.eval_timesteps)
     scorer = ClipScorer(model_path(pin_model(params.evaluate.clip_model)))
     pipeline = load_pipeline(lock, scheduler_overrides=params.train.scheduler_overrides).to(device)
+    # A LoRA with text-encoder weights: captions go through the pipeline's encoders as they stand
+    # (base, then with the LoRA loaded), for base and LoRA alike.
     online = bool(lora_components(lora) - {"unet"})
-
-    def conditioning(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached embeds, or, for a LoRA with text-encoder weights, the pipeline's encoders as they
-        stand (base, then with the LoRA loaded), for base and LoRA alike."""
-        if not online:
-            return texts.embeds(caption)
-        with torch.no_grad():
-            embeds, pooled = encode_prompts(
-                [pipeline.tokenizer, pipeline.tokenizer_2],
-                [pipeline.text_encoder, pipeline.text_encoder_2],
-                [caption],
-            )
-        return embeds[0], pooled[0]
+    conditioning = conditioning_of(
+        None if online else TextCache.open(paths.TEXT),
+        [pipeline.tokenizer, pipeline.tokenizer_2],
+        [pipeline.text_encoder, pipeline.text_encoder_2],
+    )
 
     results: dict[str, torch.Tensor] = {}
     for name in ("base", "lora"):

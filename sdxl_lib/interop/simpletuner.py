@@ -72,7 +72,6 @@ IGNORED = {
     "supported (the SDXL quickstart does not recommend them either)",
     "text_encoder_1_precision": "the text encoders run in encode.text_encoder_dtype",
     "text_encoder_2_precision": "the text encoders run in encode.text_encoder_dtype",
-    "report_to": "metrics are logged with DVCLive: see them with `dvc plots show` and `dvc exp show`",
     "resume_from_checkpoint": "train resumes by itself from models/checkpoints after an interruption",
     "attention_mechanism": "PyTorch's scaled-dot-product attention is always used",
     "push_to_hub": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
@@ -84,7 +83,7 @@ IGNORED = {
 TRANSLATED = {
     *["model_type", "model_family", "model_flavour", "lora_type", "data_backend_config"],
     *["use_gradient_checkpointing", "max_train_steps", "snr_gamma", "optimizer"],
-    *["validation_resolution", "lora_format"],
+    *["validation_resolution", "lora_format", "eval_steps_interval"],
 }
 DATASET_IGNORED = {
     "type": "read as the dataset's source",
@@ -180,6 +179,8 @@ def import_config(config_path: Path, backend_path: Path | None = None) -> Import
         values["train.optimizer"] = OPTIMIZERS[config["optimizer"]]
     if "validation_resolution" in config:
         values["validation.validation_resolution"] = validation_resolution(config["validation_resolution"])
+    if "eval_steps_interval" in config:
+        values["train.eval_steps"] = config["eval_steps_interval"] or None  # 0: off
     if "lora_format" in config:
         values["train.lora_format"] = {"comfyui": "kohya"}.get(config["lora_format"], config["lora_format"])
 

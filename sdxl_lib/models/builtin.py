@@ -22,9 +22,6 @@ from transformers import (
 
 from sdxl_lib.models.tokenizer import write_clip_tokenizer_files
 
-TINY_SDXL = "builtin:tiny-sdxl"
-TINY_CLIP = "builtin:tiny-clip"
-TINY_TAESD = "builtin:tiny-taesd"
 BUILTIN_SEED = 20240101
 # Random CLIP embeddings are often anti-aligned, which clips every score to 0; this seed's are
 # not, so the demo's CLIP scores move. With random weights they measure nothing but the plumbing.

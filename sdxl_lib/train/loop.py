@@ -12,13 +12,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import is_tensorboard_available, is_wandb_available
 from diffusers import StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from dvclive import Live
@@ -36,6 +37,7 @@ from sdxl_lib.cache.text import TextCache, encode_prompts
 from sdxl_lib.config import Params, TrainParams, ValidationParams
 from sdxl_lib.distributed import cpu_launch
 from sdxl_lib.errors import UserError
+from sdxl_lib.evaluate.eval_loss import conditioning_of, eval_loss_by_timestep, eval_timesteps
 from sdxl_lib.evaluate.images import generate_validation_images, image_grid
 from sdxl_lib.evaluate.previews import Previews, Webhook
 from sdxl_lib.export import lora_state, save_lora, save_widget_images, write_card
@@ -65,6 +67,7 @@ from sdxl_lib.train.utils import (
     training_target,
 )
 
+TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,7 +75,7 @@ def run_fingerprint(params: Params, lock: dict[str, Any]) -> str:
     """What a checkpoint must match to be resumed: train params, base model and cached inputs."""
     digest = hashlib.sha256(params.train.model_dump_json().encode())
     digest.update(params.encode.model_dump_json().encode())
-    if params.train.init_lora:
+    if params.train.init_lora and Path(params.train.init_lora).is_file():  # a missing one: load's error
         digest.update(Path(params.train.init_lora).read_bytes())
     digest.update(json.dumps(lock["model"], sort_keys=True).encode())
     for index in (paths.LATENTS / INDEX, paths.TEXT / INDEX, paths.PLAN):
@@ -158,6 +161,12 @@ def total_steps(cfg: TrainParams, order: BatchOrder) -> int:
 def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     """Train the LoRA; returns a summary on the main process and None on the others."""
     cfg = params.train
+    if cfg.report_to != "none" and not TRACKER_AVAILABLE[cfg.report_to]():
+        raise UserError(
+            f"train.report_to {cfg.report_to}: the {cfg.report_to} package is not installed; "
+            "pip install 'sdxl-lora[trackers]' or set report_to: none"
+        )
+    fingerprint = run_fingerprint(params, lock)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -165,6 +174,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         # Text encoder 1's last layer feeds nothing SDXL uses (it takes the penultimate hidden
         # states), so its LoRA gets no gradient; DDP must be told to expect that.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)],
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=paths.TRACKER_LOGS / "tensorboard" / fingerprint[:12],  # a resumed run continues it
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     dtype = WEIGHT_DTYPES[cfg.mixed_precision]
@@ -173,7 +184,11 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     # split, read lazily from shards. Each step's global batch of train_batch_size x processes comes
     # from one bucket; process r takes every r-th sample, so N processes see what one process with
     # N times the batch would.
-    rows = [r for r in pq.read_table(paths.PLAN).to_pylist() if r["split"] == "train"]
+    plan = pq.read_table(paths.PLAN).to_pylist()
+    rows = [r for r in plan if r["split"] == "train"]
+    eval_rows = [r for r in plan if r["split"] == "eval"] if cfg.eval_steps else []
+    if cfg.eval_steps and not eval_rows:
+        raise UserError("train.eval_steps needs held-out images: set bucket.eval_fraction above 0")
     if not any(r["probability"] > 0 for r in rows):
         raise UserError("every dataset has probability 0: raise bucket probability for at least one")
     if len(rows) < cfg.train_batch_size:
@@ -181,7 +196,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             f"train.train_batch_size is {cfg.train_batch_size} but the train split has only "
             f"{len(rows)} images; lower the batch size or add images"
         )
-    latents = open_latents(params.encode, lock, rows, device)
+    latents = open_latents(params.encode, lock, rows + eval_rows, device)
     texts = None if cfg.train_text_encoder else TextCache.open(paths.TEXT)
     order = BatchOrder(rows, cfg.train_batch_size * world, cfg.seed)
     max_steps = total_steps(cfg, order)
@@ -254,7 +269,6 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
 
     # Resume automatically from a checkpoint of this same run (e.g. `dvc repro` after a crash).
-    fingerprint = run_fingerprint(params, lock)
     start_step = 0
     checkpoint = latest_checkpoint(fingerprint)
     if checkpoint is not None:
@@ -280,6 +294,40 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     )
     if live is not None:
         live.step = start_step
+    if cfg.report_to != "none":
+        start_tracker(accelerator, params, fingerprint)
+
+    def log(values: dict[str, float]) -> None:
+        """DVCLive (at its current step) and the report_to tracker."""
+        if live is not None:
+            for name, value in values.items():
+                live.log_metric(name, value)
+            accelerator.log(values, step=live.step)
+
+    # Eval loss during training: evaluate's timesteps, noise and held-out split, so the curve ends at
+    # the number `evaluate` reports. It draws from its own generators; training's are untouched.
+    timesteps_to_eval = eval_timesteps(noise_scheduler, params.evaluate.eval_timesteps)
+    encoders = [unwrapped["text_encoder"], unwrapped["text_encoder_2"]] if tokenizers else []
+    conditioning = conditioning_of(texts, tokenizers, encoders)
+
+    def log_eval_loss(step: int) -> None:
+        """The eval loss of the weights after `step` steps (the base model's at step 0)."""
+        if live is None or not cfg.eval_steps or (step % cfg.eval_steps and step != max_steps):
+            return
+        base = without_adapters(unwrapped.values()) if step == 0 else nullcontext()
+        with evaluating(models.values(), optimizer, lora_params), base, accelerator.autocast():
+            by_timestep = eval_loss_by_timestep(
+                unwrapped["unet"],
+                noise_scheduler,
+                eval_rows,
+                latents,
+                conditioning,
+                scaling,
+                timesteps_to_eval,
+                params.evaluate.eval_seed,
+                params.evaluate.eval_batch_size,
+            )
+        log({"eval_loss": by_timestep.mean().item()})
 
     # Validation images every validation_steps (base model at step 0) and at the end, main process only.
     validation = params.validation
@@ -343,6 +391,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
             )
             return {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in inputs.items()}
 
+    log_eval_loss(start_step)
     # Up to two micro-batches are made ahead on threads, so the model does not wait for data.
     micro_batches = prefetched(micro_batch, range(start_step * accumulation, max_steps * accumulation), 2)
     set_training(models.values(), optimizer, True)
@@ -408,18 +457,17 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                 "the last good checkpoint is kept"
             )
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        log({"train_loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]})
         if live is not None:
-            live.log_metric("train_loss", loss_value)
-            live.log_metric("lr", lr_scheduler.get_last_lr()[0])
             live.next_step()
         done = step + 1
+        log_eval_loss(done)
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
-            set_training(models.values(), optimizer, False)
-            images = save_validation_grid(pipeline, validation, done, accelerator, previews)
+            with evaluating(models.values(), optimizer, lora_params):
+                images = save_validation_grid(pipeline, validation, done, accelerator, previews)
             if done == max_steps:  # the card shows what the exported weights make, nothing earlier
                 final_images = images
-            set_training(models.values(), optimizer, True)
         stopping = interrupted > 0 and done < max_steps
         if (done % cfg.checkpointing_steps == 0 or stopping) and done < max_steps:
             accelerator.wait_for_everyone()
@@ -466,6 +514,28 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         "train_seconds": train_seconds,
         "processes": world,
     }
+
+
+def start_tracker(accelerator: Accelerator, params: Params, fingerprint: str) -> None:
+    """TensorBoard or W&B through accelerate, with the train params as the run's config (scalars
+    only: TensorBoard's hparams need them). One run per fingerprint, so a resumed run continues it."""
+    config = {
+        name: value if isinstance(value, int | float | str | bool) else str(value)
+        for name, value in params.train.model_dump().items()
+    }
+    run = {"dir": str(paths.TRACKER_LOGS), "id": fingerprint[:12], "resume": "allow"}
+    login_errors: tuple[type[Exception], ...] = ()
+    if params.train.report_to == "wandb":
+        from wandb.errors import UsageError  # installed: train checked at start
+
+        login_errors = (UsageError,)
+    try:
+        accelerator.init_trackers("sdxl-lora", config=config, init_kwargs={"wandb": run})
+    except login_errors as err:
+        raise UserError(
+            f"train.report_to wandb: {err} Or set WANDB_MODE=offline (and `wandb sync` later), "
+            "or report_to: none"
+        ) from None
 
 
 def trim_train_log(start_step: int) -> None:
@@ -515,6 +585,24 @@ def set_training(models: Iterable[torch.nn.Module], optimizer: torch.optim.Optim
     for model in models:
         model.train(training)
     set_optimizer_mode(optimizer, training)
+
+
+@contextmanager
+def evaluating(
+    models: Iterable[torch.nn.Module], optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> Iterator[None]:
+    """Eval mode for a look at the model (dropout off; schedule-free's averaged weights), after which
+    training goes on from exactly the weights it left: schedule-free's switch back is not exact in
+    floats, so looking would otherwise change the LoRA."""
+    models = list(models)
+    kept = [p.detach().clone() for p in params]
+    set_training(models, optimizer, False)
+    try:
+        yield
+    finally:
+        set_training(models, optimizer, True)
+        for p, value in zip(params, kept, strict=True):
+            p.data.copy_(value)
 
 
 @contextmanager
