@@ -8,20 +8,20 @@ import typer
 
 from stages.common import guarded
 
-# command -> module in stages/. `sdxl-lora <command>` imports that command's module only, so
+# `sdxl-lora <command>` imports that command's module in stages/ (its name with _ for -) only, so
 # `sdxl-lora bucket` starts without loading torch and diffusers, which it does not use.
-COMMANDS = {
-    "download": "download",
-    "bucket": "bucket",
-    "encode_latents": "encode_latents",
-    "encode_text": "encode_text",
-    "train": "train",
-    "evaluate": "evaluate",
-    "evaluate-lora": "evaluate_lora",
-    "export": "export",
-    "import-simpletuner": "import_simpletuner",
-    "configure": "configure",
-}
+COMMANDS = [
+    "download",
+    "bucket",
+    "encode_latents",
+    "encode_text",
+    "train",
+    "evaluate",
+    "evaluate-lora",
+    "export",
+    "import-simpletuner",
+    "configure",
+]
 
 
 def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
@@ -34,7 +34,7 @@ def build_app(names: Iterable[str] = COMMANDS) -> typer.Typer:
     )
     app.callback()(lambda: None)  # a group even with one subcommand: `sdxl-lora bucket` keeps its name
     for name in names:
-        module = importlib.import_module(f"stages.{COMMANDS[name]}")
+        module = importlib.import_module(f"stages.{name.replace('-', '_')}")
         app.command(name, help=module.main.__doc__)(guarded(module.main))
     return app
 
