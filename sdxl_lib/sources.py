@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -82,26 +83,23 @@ def _hub_snapshot(
 
 
 def _generator_fingerprint() -> str:
-    """Changes whenever the generating code or the libraries that serialise the model change."""
-    import diffusers
-    import torch
-    import transformers
-
-    from sdxl_lib.models import builtin, tokenizer
-
+    """Changes whenever the generating code or the libraries that serialise the model change. Read
+    without importing them (that takes seconds, and the model is built already but once)."""
     digest = hashlib.sha256()
-    for module in (builtin, tokenizer):
-        digest.update(Path(module.__file__ or "").read_bytes())
-    digest.update(f"{torch.__version__} {diffusers.__version__} {transformers.__version__}".encode())
+    models_folder = Path(__file__).parent / "models"
+    for source in ("builtin.py", "tokenizer.py"):
+        digest.update((models_folder / source).read_bytes())
+    versions = [importlib.metadata.version(name) for name in ("torch", "diffusers", "transformers")]
+    digest.update(" ".join(versions).encode())
     return digest.hexdigest()[:12]
 
 
 def _build_builtin(name: str) -> Path:
     """Generate a built-in model once (atomically, so concurrent stages never see half a folder)."""
-    from sdxl_lib.models import builtin
-
     target = home() / "builtin" / f"{name.removeprefix('builtin:')}-{_generator_fingerprint()}"
     if not target.is_dir():
+        from sdxl_lib.models import builtin
+
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             getattr(builtin, BUILTIN_MODELS[name])(Path(tmp) / "model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,11 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="The params f
 
 
 def quiet_libraries() -> None:
-    """Our own progress bars say what runs; the libraries' loading chatter would bury them."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    """diffusers' loading bars, which no environment variable turns off (see stages/__init__.py);
+    only if the command's module imported diffusers: importing it takes seconds, which a command
+    that loads no model (bucket, configure, a refused argument) should not wait for."""
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.disable_progress_bar()
 
 
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from tqdm import tqdm
 from transformers import CLIPTokenizer
 
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents
@@ -54,7 +55,7 @@ def eval_loss_by_timestep(
     scale, shift = scaling
     dtype = unet.dtype
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
-    for row in sorted(rows, key=lambda r: r["sample_id"]):
+    for row in tqdm(sorted(rows, key=lambda r: r["sample_id"]), desc="eval loss", unit="img", leave=False):
         generator = torch.Generator().manual_seed(derived_seed(seed, row["sample_id"]))
         clean = (sample_posterior(*latents.posterior(row["variant_id"]), generator) - shift) * scale
         noise = torch.randn((len(timesteps), *clean.shape), generator=generator)
