@@ -17,7 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # The environment running the tests also provides `dvc`, `sdxl-lora` and `python` to subprocesses.
 BIN = Path(sys.executable).parent
-DEMO_STEPS = 100  # demo_project's training run
+DEMO_STEPS = 50  # demo_project's training run
 
 # Set before the libraries are imported (huggingface_hub reads them once): built-in models go to
 # a temp home, and the Hub is offline so no test can reach the network.
@@ -63,10 +63,40 @@ def new_project(directory: Path, overrides: dict | None = None) -> Path:
     return directory
 
 
+# For tests that change the demo's copy and train again: no validation grids nor eval loss along
+# the way (the demo run itself and their own tests cover those), as they cost seconds per run.
+QUIET_TRAIN = {"validation.validation_steps": None, "train.validate_at_end": False, "train.eval_steps": None}
+
+
+def copy_demo(demo_project: Path, project: Path, overrides: dict | None = None) -> Path:
+    """A copy of the demo run (DVC cache links kept as links), with params overrides."""
+    shutil.copytree(demo_project, project, symlinks=True)
+    set_params(project, overrides or {})
+    return project
+
+
+def train_here(project: Path) -> dict[str, Any]:
+    """The train stage's work on `project`, in this process (a stage's process spends ~10 s importing
+    its libraries); returns the LoRA. The stage's command and DVC are exercised where they matter.
+    Only with train.mixed_precision "no": accelerate fixes the precision once per process."""
+    from safetensors.torch import load_file
+
+    from sdxl_lib import paths
+    from sdxl_lib.config import load_params
+    from sdxl_lib.export import LORA_WEIGHTS
+    from sdxl_lib.sources import read_lock
+    from sdxl_lib.train.loop import train
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(project)
+        train(load_params(Path("params.yaml")), read_lock(paths.LOCK))
+    return load_file(project / paths.LORA / LORA_WEIGHTS)
+
+
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The whole pipeline run once with `dvc repro` on the demo, trained for half the demo's steps
-    (checkpoints, validation grids and eval loss every 50) to keep the suite's time in bounds.
+    """The whole pipeline run once with `dvc repro` on the demo, trained for a quarter of the demo's
+    steps (checkpoints, validation grids and eval loss every 25) to keep the suite's time in bounds.
 
     Encoders run one input at a time so the caches can be compared bit for bit with the models
     (CPU kernels differ in the last bits between batch sizes; a separate test bounds that)."""

@@ -313,11 +313,13 @@ def test_imported_quickstart_runs_under_dvc_repro(tmp_path: Path) -> None:
     files = write_quickstart(tmp_path, config, tmp_path / "pseudo-camera-10k")
     run(["sdxl-lora", "import-simpletuner", *map(str, files), "-o", "params.yaml"], project)
     # CLIP's local copy. Sized for a CPU: fp32, as bf16 autocast on a CPU is some 40x slower
-    # (BENCHMARKS.md), 4 sampling steps for the 1 MP renders instead of SimpleTuner's 30, no
-    # base-model grid at step 0 nor renders at the end of train, and 4 eval timesteps (the run as
-    # imported passes too; it takes 4 minutes here).
+    # (BENCHMARKS.md), one step of the epoch's two, evaluate's renders at 512x512 in 4 sampling steps
+    # instead of two 1 MP sizes in SimpleTuner's 30, no base-model grid at step 0 nor renders at the
+    # end of train, and 4 eval timesteps (the run as imported passes too; it takes 4 minutes here).
     cpu_sized = {
         "train.mixed_precision": "no",
+        "train.max_train_steps": 1,
+        "validation.validation_resolution": "512x512",
         "validation.validation_num_inference_steps": 4,
         "validation.validation_steps": None,
         "train.validate_at_end": False,

@@ -16,16 +16,29 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BIN, DEMO_STEPS, new_project, read_json, read_tsv, run, set_params
+from conftest import (
+    BIN,
+    DEMO_STEPS,
+    QUIET_TRAIN,
+    copy_demo,
+    new_project,
+    read_json,
+    read_tsv,
+    run,
+    set_params,
+    train_here,
+)
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from sdxl_lib.config import load_params
 from sdxl_lib.evaluate.run import evaluate
 from sdxl_lib.export import KOHYA_WEIGHTS, LORA_WEIGHTS
 from sdxl_lib.sources import model_path, read_lock
 from sdxl_lib.train.utils import BatchOrder
+from stages.cli import build_app
 
 
 def test_repro_writes_every_artifact(demo_project: Path) -> None:
@@ -53,8 +66,9 @@ def test_repro_writes_every_artifact(demo_project: Path) -> None:
     assert summary["skipped"] == {"too_small": len(skipped)} and len(skipped) > 0
     assert summary["eval"] > 0 and len(summary["buckets"]) >= 3
     grids = sorted(p.name for p in (demo_project / "metrics/train/validation").glob("*.png"))
-    assert grids == ["step-000000.png", "step-000050.png", "step-000100.png"]  # base, then every 50
-    assert Image.open(demo_project / "metrics/train/validation/step-000100.png").size == (256, 4 * 256)
+    # the base model, then every DEMO_STEPS // 2
+    assert grids == [f"step-{step:06d}.png" for step in (0, DEMO_STEPS // 2, DEMO_STEPS)]
+    assert Image.open(demo_project / "metrics/train/validation" / grids[-1]).size == (256, 4 * 256)
     assert (demo_project / "metrics/bucket/contact_sheet.png").is_file()
     histogram = read_json(demo_project / "metrics/bucket/buckets.json")
     assert sum(b["images"] for b in histogram) == summary["kept"]
@@ -103,7 +117,7 @@ def test_lora_loads_in_diffusers_and_changes_output(demo_project: Path) -> None:
 
 
 def test_eval_loss_during_training_runs_from_the_base_to_what_evaluate_reports(demo_project: Path) -> None:
-    """train.eval_steps (50 here) scores as evaluate does: the same held-out inputs, so the curve
+    """train.eval_steps (DEMO_STEPS // 2 here) scores as evaluate does: the same held-out inputs, so the curve
     starts at the base model's eval loss and ends at the LoRA's."""
     curve = read_tsv(demo_project / "metrics/train/plots/metrics/eval_loss.tsv")
     final = read_json(demo_project / "metrics/evaluate/metrics.json")
@@ -115,8 +129,7 @@ def test_eval_loss_during_training_runs_from_the_base_to_what_evaluate_reports(d
 
 def test_resume_from_checkpoint_equals_uninterrupted(demo_project: Path, tmp_path: Path) -> None:
     """A rerun after a 'crash' resumes from the last checkpoint and ends bit-identical."""
-    project = tmp_path / "copy"
-    shutil.copytree(demo_project, project, symlinks=True)
+    project = copy_demo(demo_project, tmp_path / "copy")
     uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
     eval_curve = read_tsv(project / "metrics/train/plots/metrics/eval_loss.tsv")
     checkpoints = sorted((project / "models/checkpoints").glob("checkpoint-*"))
@@ -157,18 +170,13 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
 ) -> None:
     """SIGKILL the whole `dvc repro` at a random step (possibly mid-checkpoint); the next `dvc repro`
     resumes from the last complete checkpoint and ends with the same LoRA, bit for bit."""
-    project = tmp_path / "killed"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(
-        project,
-        {"train.max_train_steps": 30, "train.checkpointing_steps": 4, "train.validate_at_end": False},
-    )
-    run(["dvc", "repro", "train"], project)
-    uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
-    shutil.rmtree(project / "models/checkpoints")
+    steps = {"train.max_train_steps": 12, "train.checkpointing_steps": 3}
+    project = copy_demo(demo_project, tmp_path / "killed", {**QUIET_TRAIN, **steps})
+    uninterrupted = train_here(project)
+    shutil.rmtree(project / "models")
     shutil.rmtree(project / "metrics/train/plots")  # the step count below is read from the new run's log
-    kill_after = random.Random().randint(5, 25)
-    process = start_training(["dvc", "repro", "-f", "train"], project, kill_after, start_new_session=True)
+    kill_after = random.Random().randint(4, 9)  # after the first checkpoint, well before the end
+    process = start_training(["dvc", "repro", "train"], project, kill_after, start_new_session=True)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (project / "models/lora" / LORA_WEIGHTS).exists(), f"killed too late (step {kill_after})"
@@ -179,7 +187,7 @@ def test_kill_9_during_dvc_repro_then_repro_gives_the_uninterrupted_lora(
         f"killed at step {kill_after}"
     )
     logged = (project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()[1:]
-    assert [int(line.split("\t")[0]) for line in logged] == list(range(30))
+    assert [int(line.split("\t")[0]) for line in logged] == list(range(12))
 
 
 def kill_9_at_a_random_moment(cmd: list[str], project: Path, latest: float) -> float:
@@ -217,8 +225,7 @@ def test_kill_9_in_any_stage_then_repro_gives_the_uninterrupted_outputs(
     """Every artifact is written to a temporary name and renamed into place, and the persistent
     caches are rebuilt from whatever a killed run left: the rerun's outputs are the uninterrupted ones
     (DVC's lock records their hashes). Train has its own test above."""
-    project = tmp_path / stage
-    shutil.copytree(demo_project, project, symlinks=True)
+    project = copy_demo(demo_project, tmp_path / stage)
     uninterrupted = (project / "dvc.lock").read_text()
     if cache:  # as on a first run, so the kill can land in the middle of writing shards
         shutil.rmtree(project / cache)
@@ -234,12 +241,10 @@ def test_nan_loss_stops_naming_the_step_and_samples_and_keeps_the_last_good_chec
     demo_project: Path, tmp_path: Path
 ) -> None:
     """One cached latent turned to NaN (what an fp16 VAE can produce) poisons the step that draws it."""
-    project = tmp_path / "nan"
-    shutil.copytree(demo_project, project, symlinks=True)
+    steps = {"train.max_train_steps": 12, "train.checkpointing_steps": 2}
+    project = copy_demo(demo_project, tmp_path / "nan", {**QUIET_TRAIN, **steps})
     for output in ("models", "metrics/train"):
         shutil.rmtree(project / output)
-    steps = {"train.max_train_steps": 12, "train.checkpointing_steps": 2, "train.validate_at_end": False}
-    set_params(project, {**steps, "validation.validation_steps": None})
     cfg = load_params(project / "params.yaml").train
     rows = [
         r for r in pq.read_table(project / "data/buckets/plan.parquet").to_pylist() if r["split"] == "train"
@@ -271,22 +276,12 @@ def test_nan_loss_stops_naming_the_step_and_samples_and_keeps_the_last_good_chec
 def test_ctrl_c_writes_a_checkpoint_and_the_rerun_finishes_the_same(
     demo_project: Path, tmp_path: Path
 ) -> None:
-    project = tmp_path / "interrupted"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(
-        project,
-        {
-            "train.max_train_steps": 40,
-            "train.checkpointing_steps": 1000,
-            "train.validate_at_end": False,
-            "validation.validation_steps": None,
-        },
-    )
-    run(["sdxl-lora", "train"], project)
-    uninterrupted = load_file(project / "models/lora" / LORA_WEIGHTS)
+    steps = {"train.max_train_steps": 16, "train.checkpointing_steps": 1000}
+    project = copy_demo(demo_project, tmp_path / "interrupted", {**QUIET_TRAIN, **steps})
+    uninterrupted = train_here(project)
     shutil.rmtree(project / "models")
     shutil.rmtree(project / "metrics/train")
-    process = start_training(["sdxl-lora", "train"], project, 10)
+    process = start_training(["sdxl-lora", "train"], project, 6)
     process.send_signal(signal.SIGINT)
     process.wait(timeout=300)
     output = (project / "run.log").read_text()
@@ -325,14 +320,13 @@ def test_evaluate_lora_scores_any_lora_file_as_the_evaluate_stage_does(
         and scored["eval_samples"] == stage["eval_samples"]
     )
     assert len(list((tmp_path / "kohya/images").glob("lora_*.png"))) == 4
-    refused = run(["sdxl-lora", "evaluate-lora", str(tmp_path / "lora.ckpt")], demo_project, check=False)
-    assert refused.returncode == 2 and "not a .safetensors file" in refused.stderr
+    refused = CliRunner().invoke(build_app(), ["evaluate-lora", str(tmp_path / "lora.ckpt")])
+    assert refused.exit_code == 2 and "not a .safetensors file" in refused.output
 
 
 def test_preview_settings_rerun_nothing(demo_project: Path, tmp_path: Path) -> None:
     """Previews only watch a run: turning them on or pointing them elsewhere changes no artifact."""
-    project = tmp_path / "previews"
-    shutil.copytree(demo_project, project, symlinks=True)
+    project = copy_demo(demo_project, tmp_path / "previews")
     previews = {
         "validation_preview": True,
         "validation_preview_steps": 5,
@@ -343,9 +337,7 @@ def test_preview_settings_rerun_nothing(demo_project: Path, tmp_path: Path) -> N
 
 
 def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path, tmp_path: Path) -> None:
-    project = tmp_path / "exp"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(project, {"train.max_train_steps": 20, "validation.validation_steps": None})  # a short run
+    project = copy_demo(demo_project, tmp_path / "exp", {**QUIET_TRAIN, "train.max_train_steps": 4})
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo run"], project)
     params = (project / "params.yaml").read_text()
@@ -361,11 +353,8 @@ def test_changed_learning_rate_reruns_only_train_and_evaluate(demo_project: Path
 
 
 def test_vae_cache_disable_trains_the_same_lora_as_the_cache(demo_project: Path, tmp_path: Path) -> None:
-    project = tmp_path / "online"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(project, {"train.max_train_steps": 6, "train.validate_at_end": False})
-    run(["dvc", "repro", "train"], project)
-    cached = load_file(project / "models/lora" / LORA_WEIGHTS)
+    project = copy_demo(demo_project, tmp_path / "online", {**QUIET_TRAIN, "train.max_train_steps": 6})
+    cached = train_here(project)
     set_params(project, {"encode.vae_cache_disable": True})
     result = run(["dvc", "repro", "train"], project)
     assert "train and evaluate encode latents online" in result.stdout
@@ -379,14 +368,13 @@ def test_vae_cache_disable_trains_the_same_lora_as_the_cache(demo_project: Path,
 
 def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path: Path) -> None:
     """The settings a real GPU run uses (bf16 autocast, gradient checkpointing, accumulation) train."""
-    project = tmp_path / "bf16"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(
-        project,
+    project = copy_demo(
+        demo_project,
+        tmp_path / "bf16",
         {
             "train.mixed_precision": "bf16",
             "train.gradient_checkpointing": True,
-            "train.max_train_steps": 4,
+            "train.max_train_steps": 2,
             "train.gradient_accumulation_steps": 2,
             "validation.validation_steps": 2,
             "validation.validation_prompt": "a red circle",  # one prompt: bf16 autocast on a CPU is slow
@@ -400,29 +388,22 @@ def test_bf16_checkpointing_and_accumulation_train(demo_project: Path, tmp_path:
     after = load_file(project / "models/lora" / LORA_WEIGHTS)
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
-    assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 5
+    assert len((project / "metrics/train/plots/metrics/train_loss.tsv").read_text().splitlines()) == 3
     grids = sorted((project / "metrics/train/validation").glob("*.png"))
-    assert [g.name for g in grids] == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    assert [g.name for g in grids] == ["step-000000.png", "step-000002.png"]
     assert Image.open(grids[-1]).size == (256 + 384, 256)  # a column per resolution
 
 
 def test_text_encoder_lora_trains_and_evaluates_under_dvc(demo_project: Path, tmp_path: Path) -> None:
     """train_text_encoder with the GPU settings (bf16, gradient checkpointing); evaluate then encodes
     the captions with the LoRA's text encoders, and scores it apart from the base."""
-    project = tmp_path / "text_encoder"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(
-        project,
-        {
-            "train.train_text_encoder": True,
-            "train.mixed_precision": "bf16",
-            "train.gradient_checkpointing": True,
-            "train.max_train_steps": 3,
-            "train.validate_at_end": False,
-            "validation.validation_steps": None,  # no base grid at step 0: bf16 autocast on a CPU is slow
-            "train.eval_steps": None,
-        },
-    )
+    settings = {
+        "train.train_text_encoder": True,
+        "train.mixed_precision": "bf16",
+        "train.gradient_checkpointing": True,
+        "train.max_train_steps": 3,
+    }
+    project = copy_demo(demo_project, tmp_path / "text_encoder", {**QUIET_TRAIN, **settings})
     result = run(["dvc", "repro"], project)
     assert "captions are encoded online" in result.stdout
     lora = load_file(project / "models/lora" / LORA_WEIGHTS)
@@ -439,19 +420,13 @@ def test_two_process_training_matches_one_process_with_the_doubled_batch(
     """`torchrun` / `accelerate launch` start a real distributed (gloo) run; the main process writes,
     and 2 processes x batch 2 train what 1 process x batch 4 does (to float tolerance: the gradient
     is summed across processes in a different order)."""
-    project = tmp_path / "ddp"
-    shutil.copytree(demo_project, project, symlinks=True)
-    set_params(
-        project,
-        {
-            "train.max_train_steps": 3,
-            "train.validate_at_end": False,
-            "train.train_batch_size": 4,
-            "train.train_text_encoder": train_text_encoder,
-        },
-    )
-    run(["sdxl-lora", "train"], project)
-    single = load_file(project / "models/lora" / LORA_WEIGHTS)
+    settings = {
+        "train.max_train_steps": 3,
+        "train.train_batch_size": 4,
+        "train.train_text_encoder": train_text_encoder,
+    }
+    project = copy_demo(demo_project, tmp_path / "ddp", {**QUIET_TRAIN, **settings})
+    single = train_here(project)
     shutil.rmtree(project / "models")
     set_params(project, {"train.train_batch_size": 2})
     result = run(["torchrun", "--nproc_per_node", "2", "-m", "stages.train"], project)
@@ -475,11 +450,8 @@ def test_dvc_plots_show_renders_buckets_and_contact_sheet(demo_project: Path, tm
 def test_two_process_encoding_equals_one_process_byte_for_byte(demo_project: Path, tmp_path: Path) -> None:
     outputs = {}
     for processes in (1, 2):
-        project = tmp_path / f"p{processes}"
-        shutil.copytree(demo_project, project, symlinks=True)
-        set_params(
-            project, {"encode.vae_batch_size": 3, "encode.text_batch_size": 5, "encode.shard_size_mb": 1}
-        )
+        batches = {"encode.vae_batch_size": 3, "encode.text_batch_size": 5, "encode.shard_size_mb": 1}
+        project = copy_demo(demo_project, tmp_path / f"p{processes}", batches)
         for stage in ("encode_latents", "encode_text"):
             shutil.rmtree(project / "data" / stage.removeprefix("encode_"))
             launcher = ["torchrun", "--nproc_per_node", str(processes), "-m", f"stages.{stage}"]
@@ -519,8 +491,7 @@ def test_adding_images_reencodes_only_them(tmp_path: Path) -> None:
 
 
 def test_changed_library_code_reruns_its_stage(demo_project: Path, tmp_path: Path) -> None:
-    project = tmp_path / "code"
-    shutil.copytree(demo_project, project, symlinks=True)
+    project = copy_demo(demo_project, tmp_path / "code")
     with (project / "sdxl_lib/evaluate/clip_score.py").open("a") as source:
         source.write("\n# a changed line\n")
     status = json.loads(run(["dvc", "status", "--json"], project).stdout)
