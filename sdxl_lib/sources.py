@@ -26,16 +26,9 @@ from sdxl_lib.config import DatasetSource, DownloadParams, Params
 from sdxl_lib.data.demo import generate_demo_dataset
 from sdxl_lib.data.files import copy_dataset
 from sdxl_lib.errors import UserError
-from sdxl_lib.models import TINY_CLIP, TINY_SDXL, TINY_TAESD
+from sdxl_lib.models import BUILTIN_MODELS
 
 BUILTIN_DEMO = "builtin:demo"
-# Their generators, in sdxl_lib.models.builtin, are imported only to build one: the stages that only
-# name a model (download of a folder, bucket) start without loading torch and diffusers.
-BUILTIN_MODELS = {
-    TINY_SDXL: "build_tiny_sdxl",
-    TINY_CLIP: "build_tiny_clip",
-    TINY_TAESD: "build_tiny_taesd",
-}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a diffusers / transformers folder needs: no pickles, no fp16 or ONNX duplicates.
 MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]
@@ -84,7 +77,7 @@ def _hub_snapshot(
 
 def _generator_fingerprint() -> str:
     """Changes whenever the generating code or the libraries that serialise the model change. Read
-    without importing them (that takes seconds, and the model is built already but once)."""
+    without importing them: that takes seconds, and most runs find the model built."""
     digest = hashlib.sha256()
     models_folder = Path(__file__).parent / "models"
     for source in ("builtin.py", "tokenizer.py"):
@@ -98,11 +91,12 @@ def _build_builtin(name: str) -> Path:
     """Generate a built-in model once (atomically, so concurrent stages never see half a folder)."""
     target = home() / "builtin" / f"{name.removeprefix('builtin:')}-{_generator_fingerprint()}"
     if not target.is_dir():
+        # imported only to build one: torch and diffusers take seconds, and most runs find it built
         from sdxl_lib.models import builtin
 
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            getattr(builtin, BUILTIN_MODELS[name])(Path(tmp) / "model")
+            builtin.build(name, Path(tmp) / "model")
             # If another process finished first, theirs is identical: keep it.
             with contextlib.suppress(OSError):
                 os.rename(Path(tmp) / "model", target)

@@ -20,6 +20,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sdxl_lib.models import TINY_CLIP, TINY_SDXL, TINY_TAESD
 from sdxl_lib.models.tokenizer import write_clip_tokenizer_files
 
 BUILTIN_SEED = 20240101
@@ -149,3 +150,9 @@ def build_tiny_taesd(directory: Path, seed: int = BUILTIN_SEED) -> None:
         num_decoder_blocks=(1, 1, 1, 1),
         latent_channels=4,
     ).save_pretrained(directory, safe_serialization=True)
+
+
+def build(name: str, directory: Path) -> None:
+    """Write the built-in model `name` (one of models.BUILTIN_MODELS) to `directory`."""
+    generators = {TINY_SDXL: build_tiny_sdxl, TINY_CLIP: build_tiny_clip, TINY_TAESD: build_tiny_taesd}
+    generators[name](directory)
