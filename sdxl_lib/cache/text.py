@@ -35,16 +35,27 @@ def encode_prompts(
     """SDXL's conditioning: both encoders' penultimate hidden states concatenated, and encoder 2's
     pooled projection. Captions longer than 77 tokens are truncated, as the SDXL pipeline does.
     Differentiable (train_text_encoder); the cache calls it under no_grad."""
-    hidden_states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-        ids = tokenizer(
+    token_ids = [
+        tokenizer(
             captions,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(next(encoder.parameters()).device)  # also for a DDP-wrapped encoder
-        output = encoder(ids, output_hidden_states=True)
+        ).input_ids
+        for tokenizer in tokenizers
+    ]
+    return embed_tokens(encoders, token_ids)
+
+
+def embed_tokens(
+    encoders: list[torch.nn.Module], token_ids: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_prompts` after tokenizing: each encoder's token ids, [batch, 77], to the conditioning."""
+    hidden_states, pooled = [], None
+    for encoder, ids in zip(encoders, token_ids, strict=True):
+        device = next(encoder.parameters()).device  # also for a DDP-wrapped encoder
+        output = encoder(ids.to(device), output_hidden_states=True)
         hidden_states.append(output.hidden_states[-2])
         pooled = output[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
     assert pooled is not None

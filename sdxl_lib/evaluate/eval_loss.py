@@ -13,7 +13,7 @@ from transformers import CLIPTokenizer
 
 from sdxl_lib.cache.latents import LatentCache, OnlineLatents
 from sdxl_lib.cache.text import TextCache, encode_prompts
-from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target
+from sdxl_lib.train.utils import derived_seed, sample_posterior, time_ids, training_target, unet_prediction
 
 
 def eval_timesteps(scheduler: DDPMScheduler, count: int) -> torch.Tensor:
@@ -66,15 +66,16 @@ def eval_loss_by_timestep(
             clean_batch = clean.expand(n, *clean.shape)
             noisy = scheduler.add_noise(clean_batch, noise[start : start + n], t)
             target = training_target(scheduler, clean_batch, noise[start : start + n], t)
-            prediction = unet(
-                noisy.to(unet.device, dtype),
-                t.to(unet.device),
-                prompt_embeds.expand(n, *prompt_embeds.shape).to(unet.device, dtype),
-                added_cond_kwargs={
-                    "text_embeds": pooled.expand(n, *pooled.shape).to(unet.device, dtype),
-                    "time_ids": time_ids(row).expand(n, 6).to(unet.device, dtype),
-                },
-            ).sample
+            device = unet.device
+            prediction = unet_prediction(
+                unet,
+                noisy.to(device),
+                t.to(device),
+                prompt_embeds.expand(n, *prompt_embeds.shape).to(device),
+                pooled.expand(n, *pooled.shape).to(device),
+                time_ids(row).expand(n, 6).to(device),
+                dtype,
+            )
             per_item = F.mse_loss(prediction.float().cpu(), target.float(), reduction="none")
             totals[start : start + n] += per_item.mean(dim=(1, 2, 3)).double()
     return (totals / len(rows)).float()

@@ -67,3 +67,12 @@ def full_size_models(device: str = "meta") -> dict[str, Any]:
             "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2)),
         }
+
+
+def full_size_vae(device: str = "meta") -> Any:
+    """SDXL's VAE at full size, random (or, on meta, no) weights."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**VAE)

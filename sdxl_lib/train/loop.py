@@ -65,6 +65,7 @@ from sdxl_lib.train.utils import (
     time_ids,
     timestep_weights,
     training_target,
+    unet_prediction,
 )
 
 TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
@@ -422,15 +423,15 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                         prompt_embeds, pooled = encode_prompts(tokenizers, text_encoders, inputs["captions"])
                     else:
                         prompt_embeds, pooled = inputs["prompt_embeds"], inputs["pooled_prompt_embeds"]
-                    prediction = models["unet"](
-                        inputs["noisy"].to(dtype),
+                    prediction = unet_prediction(
+                        models["unet"],
+                        inputs["noisy"],
                         inputs["timesteps"],
-                        prompt_embeds.to(dtype),
-                        added_cond_kwargs={
-                            "text_embeds": pooled.to(dtype),
-                            "time_ids": inputs["time_ids"].to(dtype),
-                        },
-                    ).sample
+                        prompt_embeds,
+                        pooled,
+                        inputs["time_ids"],
+                        dtype,
+                    )
                     per_sample = per_sample_loss(prediction, inputs["target"], cfg.loss_type, cfg.huber_c)
                     loss = (per_sample * inputs["weights"]).mean()
                 with record_function("backward"):

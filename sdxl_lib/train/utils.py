@@ -58,6 +58,24 @@ def sample_posterior(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gen
     return mean.float() + std.float() * eps
 
 
+def unet_prediction(
+    unet: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    time_ids: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The SDXL U-Net's prediction for a batch, its inputs cast to the frozen weights' dtype."""
+    return unet(
+        noisy.to(dtype),
+        timesteps,
+        prompt_embeds.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+    ).sample
+
+
 def training_target(
     scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
