@@ -16,11 +16,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from sdxl_lib.config import DatasetSource, DownloadParams, Params
 from sdxl_lib.data.demo import generate_demo_dataset
@@ -73,6 +75,20 @@ def _hub_snapshot(
             "the revision, HF_ENDPOINT, and `hf auth login` for gated repos"
         ) from None
     return Path(path)
+
+
+@contextlib.contextmanager
+def download_progress() -> Iterator[None]:
+    """The Hub's progress bars while a source is fetched (a full SDXL is some 7 GB), even where the
+    stages keep them off; HF_HUB_DISABLE_PROGRESS_BARS, if the user set it, still wins."""
+    was_disabled = are_progress_bars_disabled()
+    if constants.HF_HUB_DISABLE_PROGRESS_BARS is None:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_disabled and constants.HF_HUB_DISABLE_PROGRESS_BARS is None:
+            disable_progress_bars()
 
 
 def _generator_fingerprint() -> str:
@@ -139,7 +155,8 @@ def pin_model(source: str, revision: str = "main", allow_pickle: bool = False) -
             "weights": weights,
         }
     if REPO_ID.match(source):
-        path = _hub_snapshot(source, revision, "model", *hub_patterns(allow_pickle))
+        with download_progress():
+            path = _hub_snapshot(source, revision, "model", *hub_patterns(allow_pickle))
         weights = weights_format(path, source, allow_pickle)
         return {"source": source, "kind": "hub", "revision": path.name, "weights": weights}
     raise UserError(
@@ -184,7 +201,8 @@ def fetch_dataset(dataset: DatasetSource, params: DownloadParams, target: Path) 
         skipped = copy_dataset(Path(source), target, allowed, max_gb)
         return tree_hash(target), skipped
     if REPO_ID.match(source):
-        snapshot = _hub_snapshot(source, dataset.revision, "dataset", None)
+        with download_progress():
+            snapshot = _hub_snapshot(source, dataset.revision, "dataset", None)
         # a snapshot's files are links into the repo's blob store, two levels up
         allowed = None if params.allow_symlinks else snapshot.parent.parent
         return snapshot.name, copy_dataset(snapshot, target, allowed, max_gb)

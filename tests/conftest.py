@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
@@ -148,14 +153,11 @@ class RecordingServer:
     """A real HTTP server on localhost that records each POSTed JSON document and answers `status`."""
 
     def __init__(self, status: int = 200) -> None:
-        import http.server
-        import threading
-
         self.documents: list[dict] = []
         self.requests = 0
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 server.requests += 1
                 body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -167,7 +169,7 @@ class RecordingServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hooks/secret-token"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -178,6 +180,103 @@ class RecordingServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class HubStandIn:
+    """The Hub on localhost, for HF_ENDPOINT. It serves `repos` (model id -> (commit, {path: bytes}))
+    to snapshot_download (revision, file tree, HEAD and GET of each file), and takes uploads: repo
+    create, YAML check, preupload and commit, enough for `create_repo` + `upload_folder` (every file
+    sent inline) by the holder of `token`."""
+
+    def __init__(self, token: str = "") -> None:
+        self.repos: dict[str, tuple[str, dict[str, bytes]]] = {}
+        self.files: dict[str, bytes] = {}  # uploaded
+        self.authorizations: set[str | None] = set()
+        self.unknown_posts: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, code: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def send_file(self, head: bool) -> None:
+                """/{repo}/resolve/{revision}/{path}: the file, with the headers the Hub sends."""
+                path = unquote(urlparse(self.path).path)
+                for repo, (commit, files) in hub.repos.items():
+                    name = path.removeprefix(f"/{repo}/resolve/").partition("/")[2]
+                    if path.startswith(f"/{repo}/resolve/") and name in files:
+                        self.send_response(200)
+                        self.send_header("X-Repo-Commit", commit)
+                        self.send_header("ETag", f'"{hashlib.sha256(files[name]).hexdigest()}"')
+                        self.send_header("Content-Length", str(len(files[name])))
+                        self.end_headers()
+                        if not head:
+                            self.wfile.write(files[name])
+                        return
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self.send_file(head=True)
+
+            def do_GET(self) -> None:
+                path = unquote(urlparse(self.path).path)
+                for repo, (commit, files) in hub.repos.items():
+                    if path.startswith(f"/api/models/{repo}/revision/"):
+                        siblings = [{"rfilename": name} for name in files]
+                        return self.reply(200, {"id": repo, "sha": commit, "siblings": siblings})
+                    if path.startswith(f"/api/models/{repo}/tree/"):
+                        tree = [
+                            {
+                                "type": "file",
+                                "path": name,
+                                "size": len(data),
+                                "oid": hashlib.sha1(data).hexdigest(),
+                            }
+                            for name, data in files.items()
+                        ]
+                        return self.reply(200, tree)
+                return self.send_file(head=False)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.authorizations.add(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != f"Bearer {token}":
+                    return self.reply(401, {"error": "Invalid credentials"})
+                base = f"http://127.0.0.1:{self.server.server_port}"
+                if self.path == "/api/repos/create":
+                    request = json.loads(body)
+                    return self.reply(200, {"url": f"{base}/{request['organization']}/{request['name']}"})
+                if self.path == "/api/validate-yaml":
+                    return self.reply(200, {"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    modes = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                    return self.reply(200, {"files": modes})
+                if "/commit/" in self.path:
+                    for line in body.decode().splitlines():
+                        item = json.loads(line)
+                        if item["key"] == "file":
+                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+                    return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/0abc", "commitOid": "0abc"})
+                hub.unknown_posts.append(self.path)
+                return self.reply(404, {"error": "not here"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
 
 
 def read_json(path: Path) -> dict:

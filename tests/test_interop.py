@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shutil
 import struct
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import new_project, read_json, run, set_params, trained_pipeline
+from conftest import HubStandIn, new_project, read_json, run, set_params, trained_pipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save
@@ -371,63 +368,6 @@ def test_configure_warns_and_asks_before_writing_a_risky_setup(tmp_path: Path) -
     assert f"the datasets hold {images} images, fewer than" in result.output
     assert "learning_rate 0.5 is far outside" in result.output
     assert not (tmp_path / "params.yaml").exists()
-
-
-class HubStandIn:
-    """The Hub's repo-create, YAML-check, preupload and commit endpoints on localhost, enough for
-    huggingface_hub's `create_repo` + `upload_folder` (every file sent inline); it accepts one token."""
-
-    def __init__(self, token: str) -> None:
-        self.files: dict[str, bytes] = {}
-        self.authorizations: set[str | None] = set()
-        self.unknown_posts: list[str] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def reply(self, code: int, body: object) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self.reply(404, {"error": "not here"})
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                hub.authorizations.add(self.headers.get("Authorization"))
-                if self.headers.get("Authorization") != f"Bearer {token}":
-                    return self.reply(401, {"error": "Invalid credentials"})
-                base = f"http://127.0.0.1:{self.server.server_port}"
-                if self.path == "/api/repos/create":
-                    request = json.loads(body)
-                    return self.reply(200, {"url": f"{base}/{request['organization']}/{request['name']}"})
-                if self.path == "/api/validate-yaml":
-                    return self.reply(200, {"errors": [], "warnings": []})
-                if "/preupload/" in self.path:
-                    files = json.loads(body)["files"]
-                    modes = [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
-                    ]
-                    return self.reply(200, {"files": modes})
-                if "/commit/" in self.path:
-                    for line in body.decode().splitlines():
-                        item = json.loads(line)
-                        if item["key"] == "file":
-                            hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-                    repo = self.path.split("/api/models/")[1].split("/commit/")[0]
-                    return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/0abc", "commitOid": "0abc"})
-                hub.unknown_posts.append(self.path)
-                return self.reply(404, {"error": "not here"})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
 
 
 def test_export_pushes_to_the_hub_and_the_token_stays_secret(demo_project: Path, tmp_path: Path) -> None:

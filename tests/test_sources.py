@@ -7,7 +7,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import new_project, read_json, run
+from conftest import HubStandIn, new_project, read_json, run
 
 from sdxl_lib.config import DatasetSource, DownloadParams
 from sdxl_lib.errors import UserError
@@ -101,3 +101,27 @@ def test_download_stage_with_a_local_dataset_and_model(tmp_path: Path) -> None:
     (project / "params.yaml").write_text(params.replace(str(images), str(tmp_path / "missing")))
     result = run(["sdxl-lora", "download"], project, check=False)
     assert result.returncode == 2 and "is neither builtin:demo, an existing folder" in result.stderr
+
+
+def test_download_stage_fetches_a_hub_model_over_http_and_shows_it(tmp_path: Path) -> None:
+    """The download stage against a Hub stand-in on localhost (HF_ENDPOINT, online): the real
+    snapshot_download path, pinned to the commit the Hub names, with the Hub's progress bar shown
+    (the stages keep it off otherwise)."""
+    tiny = model_path(pin_model(TINY_SDXL))
+    served = {str(p.relative_to(tiny)): p.read_bytes() for p in tiny.rglob("*") if p.is_file()}
+    hub = HubStandIn()
+    hub.repos["org/tiny-sdxl"] = ("e" * 40, served)
+    project = new_project(tmp_path / "project", {"model.pretrained_model_name_or_path": "org/tiny-sdxl"})
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    result = run(["sdxl-lora", "download"], project, **env)
+    lock = read_json(project / "data/lock.json")
+    assert lock["model"] == {
+        "source": "org/tiny-sdxl",
+        "kind": "hub",
+        "revision": "e" * 40,
+        "weights": "safetensors",
+    }
+    snapshot = tmp_path / "hf-home/hub/models--org--tiny-sdxl/snapshots" / ("e" * 40)
+    fetched = {str(p.relative_to(snapshot)): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
+    assert fetched == served
+    assert f"Fetching {len(served)} files" in result.stderr
