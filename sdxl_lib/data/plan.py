@@ -139,12 +139,11 @@ def read_caption(path: Path, settings: DatasetSettings) -> tuple[str, str]:
     sidecar = path.with_suffix(".txt")
     if not sidecar.is_file():
         return caption_from_filename(path), "filename_no_sidecar"
-    data = sidecar.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        text: str | None = sidecar.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
-        return caption_from_filename(path), "filename_sidecar_not_utf8"
-    if "\x00" in text:
+        text = None
+    if text is None or "\x00" in text:  # NUL decodes as UTF-8, but no caption holds one
         return caption_from_filename(path), "filename_sidecar_not_utf8"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     if not first:
