@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,21 @@ def make_batch(unet: Any, resolution: str, batch: int, device: str) -> dict[str,
     }
 
 
+def call_times(call: Callable[[], Any], count: int, device: str) -> list[float]:
+    """Wall-clock seconds of each of `count` calls, each waited for on the device."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    times = []
+    for _ in range(count):
+        sync()
+        started = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def measure_train(
     setup: Setup, scale: str, device: str, tiny_dir: Path | None, steps: int, warmup: int
 ) -> dict:
@@ -230,17 +246,11 @@ def measure_train(
             unet.compile_repeated_blocks()
         elif setup.compile != "none":
             model = torch.compile(unet, mode=setup.compile)
-        sync = torch.cuda.synchronize if device == "cuda" else lambda: None
         if device == "cuda":  # the counting pass's cached blocks would hide what checkpointing saves
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for _ in range(warmup + steps):
-            sync()
-            started = time.perf_counter()
-            losses.append(step(model))
-            sync()
-            times.append(time.perf_counter() - started)
+        losses: list[Any] = []
+        times = call_times(lambda: losses.append(step(model)), warmup + steps, device)
     seconds = statistics.median(times[warmup:])
     result = {
         "setup": dataclasses.asdict(setup),
@@ -268,17 +278,9 @@ def measure_encoders(
 
     models = build_encoders(scale, device, tiny_dir)
     width, height = (int(side) for side in resolution.split("x"))
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
-    def median_seconds(call: Any) -> float:
-        times = []
-        for _ in range(repeat + 2):  # two warm-ups
-            sync()
-            started = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times[2:])
+    def median_seconds(call: Callable[[], Any]) -> float:
+        return statistics.median(call_times(call, repeat + 2, device)[2:])  # two warm-ups
 
     results = []
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -303,15 +305,7 @@ def matmul_tflops(device: str) -> float:
 
     size = 8192 if device == "cuda" else 512
     a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    times = []
-    for _ in range(25):
-        sync()
-        started = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - started)
-    return 2 * size**3 / statistics.median(times[5:]) / 1e12
+    return 2 * size**3 / statistics.median(call_times(lambda: a @ b, 25, device)[5:]) / 1e12
 
 
 def in_fresh_process(args: argparse.Namespace, task: str) -> dict[str, Any]:

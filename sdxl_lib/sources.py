@@ -56,13 +56,28 @@ def tree_hash(directory: Path, content: bool = True) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def download_progress() -> Iterator[None]:
+    """The Hub's progress bars while a source is fetched (a full SDXL is some 7 GB), even where the
+    stages keep them off; HF_HUB_DISABLE_PROGRESS_BARS, if the user set it, still wins."""
+    switch = constants.HF_HUB_DISABLE_PROGRESS_BARS is None and are_progress_bars_disabled()
+    if switch:
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            disable_progress_bars()
+
+
 def _hub_snapshot(
     repo_id: str, revision: str, repo_type: str, allow: list[str] | None, ignore: list[str] | None = None
 ) -> Path:
     try:
-        path = snapshot_download(
-            repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow, ignore_patterns=ignore
-        )
+        with download_progress():
+            path = snapshot_download(
+                repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow, ignore_patterns=ignore
+            )
     except LocalEntryNotFoundError:
         raise UserError(
             f"{repo_id}@{revision}: no such local folder, and not in the local Hub cache while the "
@@ -75,20 +90,6 @@ def _hub_snapshot(
             "the revision, HF_ENDPOINT, and `hf auth login` for gated repos"
         ) from None
     return Path(path)
-
-
-@contextlib.contextmanager
-def download_progress() -> Iterator[None]:
-    """The Hub's progress bars while a source is fetched (a full SDXL is some 7 GB), even where the
-    stages keep them off; HF_HUB_DISABLE_PROGRESS_BARS, if the user set it, still wins."""
-    was_disabled = are_progress_bars_disabled()
-    if constants.HF_HUB_DISABLE_PROGRESS_BARS is None:
-        enable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_disabled and constants.HF_HUB_DISABLE_PROGRESS_BARS is None:
-            disable_progress_bars()
 
 
 def _generator_fingerprint() -> str:
@@ -155,8 +156,7 @@ def pin_model(source: str, revision: str = "main", allow_pickle: bool = False) -
             "weights": weights,
         }
     if REPO_ID.match(source):
-        with download_progress():
-            path = _hub_snapshot(source, revision, "model", *hub_patterns(allow_pickle))
+        path = _hub_snapshot(source, revision, "model", *hub_patterns(allow_pickle))
         weights = weights_format(path, source, allow_pickle)
         return {"source": source, "kind": "hub", "revision": path.name, "weights": weights}
     raise UserError(
@@ -201,8 +201,7 @@ def fetch_dataset(dataset: DatasetSource, params: DownloadParams, target: Path) 
         skipped = copy_dataset(Path(source), target, allowed, max_gb)
         return tree_hash(target), skipped
     if REPO_ID.match(source):
-        with download_progress():
-            snapshot = _hub_snapshot(source, dataset.revision, "dataset", None)
+        snapshot = _hub_snapshot(source, dataset.revision, "dataset", None)
         # a snapshot's files are links into the repo's blob store, two levels up
         allowed = None if params.allow_symlinks else snapshot.parent.parent
         return snapshot.name, copy_dataset(snapshot, target, allowed, max_gb)

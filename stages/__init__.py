@@ -10,6 +10,6 @@ from huggingface_hub.utils import disable_progress_bars
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # The Hub's bars, and transformers' loading bars, which start as the Hub's are. Switched off in
-# code, not by HF_HUB_DISABLE_PROGRESS_BARS, so that `download` can show a model's download.
+# code, not by HF_HUB_DISABLE_PROGRESS_BARS, so that fetching from the Hub can show its progress.
 if constants.HF_HUB_DISABLE_PROGRESS_BARS is None:  # the user's own setting wins
     disable_progress_bars()

@@ -53,7 +53,7 @@ def eval_loss_by_timestep(
     """Mean MSE over the rows, one value per timestep. Noise depends only on (seed, sample id).
     `conditioning(caption)` gives its (prompt_embeds, pooled_prompt_embeds)."""
     scale, shift = scaling
-    dtype = unet.dtype
+    dtype, device = unet.dtype, unet.device
     totals = torch.zeros(len(timesteps), dtype=torch.float64)
     for row in tqdm(sorted(rows, key=lambda r: r["sample_id"]), desc="eval loss", unit="img", leave=False):
         generator = torch.Generator().manual_seed(derived_seed(seed, row["sample_id"]))
@@ -66,7 +66,6 @@ def eval_loss_by_timestep(
             clean_batch = clean.expand(n, *clean.shape)
             noisy = scheduler.add_noise(clean_batch, noise[start : start + n], t)
             target = training_target(scheduler, clean_batch, noise[start : start + n], t)
-            device = unet.device
             prediction = unet_prediction(
                 unet,
                 noisy.to(device),

@@ -337,9 +337,8 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     if accelerator.is_main_process and (validation.validation_steps or cfg.validate_at_end):
         # The frozen text encoders and VAE stay on the device all run: in the weights' dtype (bf16)
         # full-size SDXL's take 1.7 GiB instead of fp32's 3.4 (BENCHMARKS.md, memory plan).
-        pipeline = load_pipeline(lock, dtype, scheduler_overrides=cfg.scheduler_overrides, **unwrapped).to(
-            device
-        )
+        pipeline = load_pipeline(lock, dtype, scheduler_overrides=cfg.scheduler_overrides, **unwrapped)
+        pipeline.to(device)
         if validation.validation_preview:
             decoder = load_preview_decoder(validation.validation_preview_model).to(device)
             previews = Previews(
