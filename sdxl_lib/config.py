@@ -7,6 +7,8 @@ same meanings, because that is the vocabulary our users arrive with. Defaults li
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,9 @@ from pydantic import (
 )
 
 from sdxl_lib.errors import UserError
+
+WEBHOOK_URL = r"^https?://"
+WEBHOOK_URL_ENV = "SDXL_LORA_WEBHOOK_URL"
 
 
 class Section(BaseModel):
@@ -48,16 +53,29 @@ class ValidationParams(Section):
     validation_seed: int = 0
     validation_steps: int | None = Field(None, ge=1)  # also during training, with base images at step 0
     # Live previews (SimpleTuner's): every validation_preview_steps denoising steps the latents are
-    # decoded by a tiny autoencoder and posted to webhook_url as JSON (step, prompt, PNG).
+    # decoded by a tiny autoencoder and posted to the webhook as JSON (step, prompt, PNG).
     validation_preview: bool = False
     validation_preview_steps: int = Field(1, ge=1)
     validation_preview_model: str = "madebyollin/taesdxl"  # an AutoencoderTiny, or builtin:tiny-taesd
-    webhook_url: str | None = Field(None, pattern=r"^https?://")
+    webhook_url: str | None = Field(None, pattern=WEBHOOK_URL)  # else $SDXL_LORA_WEBHOOK_URL
+
+    @property
+    def webhook(self) -> str | None:
+        """Where previews go: webhook_url, else the environment's SDXL_LORA_WEBHOOK_URL. A webhook's
+        URL usually carries its secret token, and params are committed and shown by `dvc exp show`."""
+        return self.webhook_url or os.environ.get(WEBHOOK_URL_ENV) or None
 
     @model_validator(mode="after")
     def _preview_needs_a_webhook(self) -> ValidationParams:
-        if self.validation_preview and not self.webhook_url:
-            raise ValueError("validation_preview needs webhook_url (where the previews are posted)")
+        if not self.validation_preview:
+            return self
+        if self.webhook is None:
+            raise ValueError(
+                f"validation_preview needs a webhook: set the environment variable {WEBHOOK_URL_ENV} "
+                "(a secret URL stays out of params.yaml) or webhook_url"
+            )
+        if not re.match(WEBHOOK_URL, self.webhook):
+            raise ValueError(f"{WEBHOOK_URL_ENV} must be an http:// or https:// URL")
         return self
 
     @property

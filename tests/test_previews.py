@@ -10,7 +10,7 @@ import pytest
 from conftest import RecordingServer, tiny_pipeline
 from PIL import Image
 
-from sdxl_lib.config import ValidationParams
+from sdxl_lib.config import WEBHOOK_URL_ENV, ValidationParams
 from sdxl_lib.evaluate.images import generate_validation_images
 from sdxl_lib.evaluate.previews import Previews, Webhook
 from sdxl_lib.models import TINY_TAESD
@@ -76,6 +76,18 @@ def test_an_unreachable_webhook_does_not_stop_validation() -> None:
     assert len(images) == 4 and webhook.down
 
 
-def test_previews_need_a_webhook() -> None:
-    with pytest.raises(ValueError, match="validation_preview needs webhook_url"):
+def test_previews_need_a_webhook(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"validation_preview needs a webhook: set .*{WEBHOOK_URL_ENV}"):
         ValidationParams(validation_preview=True)
+    monkeypatch.setenv(WEBHOOK_URL_ENV, "ftp://example.org/hook")
+    with pytest.raises(ValueError, match=f"{WEBHOOK_URL_ENV} must be an http:// or https:// URL"):
+        ValidationParams(validation_preview=True)
+
+
+def test_the_webhook_url_comes_from_params_before_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WEBHOOK_URL_ENV, "https://hooks.example.org/from-env")
+    assert ValidationParams(validation_preview=True).webhook == "https://hooks.example.org/from-env"
+    in_params = ValidationParams(validation_preview=True, webhook_url="http://127.0.0.1:9/hook")
+    assert in_params.webhook == "http://127.0.0.1:9/hook"
+    assert ValidationParams().webhook_url is None  # the environment's URL never becomes a param

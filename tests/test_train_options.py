@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from wandb.proto import wandb_internal_pb2
 
 from sdxl_lib import paths
-from sdxl_lib.config import TrainParams, parse_params
+from sdxl_lib.config import WEBHOOK_URL_ENV, TrainParams, parse_params
 from sdxl_lib.errors import UserError
 from sdxl_lib.export import KOHYA_WEIGHTS, LORA_WEIGHTS, save_lora
 from sdxl_lib.sources import model_path, read_lock
@@ -322,21 +322,24 @@ def test_training_posts_validation_previews_to_the_webhook(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """validation_preview during a real train run: each validation image sends
-    validation_num_inference_steps / validation_preview_steps previews, tagged with the training step."""
+    validation_num_inference_steps / validation_preview_steps previews, tagged with the training step.
+    The URL comes from the environment and is written to no file (its path is the webhook's secret)."""
     with RecordingServer() as server:
+        monkeypatch.setenv(WEBHOOK_URL_ENV, server.url)  # .../hooks/secret-token
         previews = {
             "validation_preview": True,
             "validation_preview_steps": 2,
             "validation_preview_model": "builtin:tiny-taesd",
             "validation_num_inference_steps": 4,
             "validation_steps": None,
-            "webhook_url": server.url,
         }
         train_with(project, monkeypatch, validation=previews, validate_at_end=True)
     prompts = parse_params(yaml.safe_load((project / "params.yaml").read_text())).validation.prompts
     assert [(d["prompt"], d["step"], d["inference_step"]) for d in server.documents] == [
         (prompt, STEPS, step) for prompt in prompts for step in (2, 4)
     ]
+    written = [path for path in project.rglob("*") if path.is_file() and b"secret-token" in path.read_bytes()]
+    assert written == []
 
 
 def wandb_history(run_file: Path) -> dict[str, dict[int, float]]:

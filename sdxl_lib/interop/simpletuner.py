@@ -76,8 +76,8 @@ IGNORED = {
     "attention_mechanism": "PyTorch's scaled-dot-product attention is always used",
     "push_to_hub": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
     "hub_model_id": "publishing is its own step: `sdxl-lora export dist --push-to-hub <hub_model_id>`",
-    "webhook_config": "its Discord / raw message formats are not ours; validation.webhook_url receives "
-    "the previews as JSON (README, Watch validation images form)",
+    "webhook_config": "its Discord / raw message formats are not ours; the URL in SDXL_LORA_WEBHOOK_URL (or "
+    "validation.webhook_url) receives the previews as JSON (README, Watch validation images form)",
 }
 # Keys read above by their own rules (not copied as they are).
 TRANSLATED = {

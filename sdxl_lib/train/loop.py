@@ -342,7 +342,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         if validation.validation_preview:
             decoder = load_preview_decoder(validation.validation_preview_model).to(device)
             previews = Previews(
-                decoder, validation.validation_preview_steps, Webhook(str(validation.webhook_url))
+                decoder, validation.validation_preview_steps, Webhook(str(validation.webhook))
             )
         if validation.validation_steps and start_step == 0:
             with without_adapters(unwrapped.values()):
