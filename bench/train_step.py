@@ -108,7 +108,7 @@ def main() -> None:
                 split = measure(project, batch_size, args.steps, profile=True)["split"]
                 total = sum(split.values()) or 1
                 shares = " | ".join(f"{100 * split.get(phase, 0) / total:.0f}%" for phase in PHASES)
-                rate = plain["steps"] / plain["train_seconds"]
+                rate = plain["steps"] / plain["step_seconds"]
                 print(
                     f"{resolution} | {batch_size} | {rate:.2f} | {rate * batch_size:.1f} | "
                     f"{plain['peak_rss_mb']:.0f} MB | {shares}"

@@ -17,8 +17,9 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     if result is not None:  # only the main process reports
         typer.echo(
             f"train: {result['steps']} steps on {result['processes']} process(es) in "
-            f"{result['train_seconds']:.0f} s ({result['steps'] / result['train_seconds']:.2f} steps/s), "
-            f"final loss {result['final_train_loss']:.4f}, LoRA in {paths.LORA}"
+            f"{result['train_seconds']:.0f} s ({result['steps'] / result['step_seconds']:.2f} steps/s; "
+            f"{result['train_seconds'] - result['step_seconds']:.0f} s of it eval loss, validation and "
+            f"checkpoints), final loss {result['final_train_loss']:.4f}, LoRA in {paths.LORA}"
         )
 
 

@@ -45,6 +45,14 @@ def train_with(
     project: Path, monkeypatch: pytest.MonkeyPatch, validation: dict | None = None, **overrides: object
 ) -> dict:
     """Train STEPS steps in `project` with train.<key> (and `validation`) overrides; returns the LoRA."""
+    train_run(project, monkeypatch, validation, **overrides)
+    return load_file(project / paths.LORA / LORA_WEIGHTS)
+
+
+def train_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch, validation: dict | None = None, **overrides: object
+) -> dict:
+    """train_with's run; returns what train reports (steps, seconds, final loss)."""
     monkeypatch.chdir(project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"].update(
@@ -57,8 +65,9 @@ def train_with(
         }
     )
     raw["validation"].update(validation or {})
-    train(parse_params(raw), read_lock(paths.LOCK))
-    return load_file(project / paths.LORA / LORA_WEIGHTS)
+    result = train(parse_params(raw), read_lock(paths.LOCK))
+    assert result is not None  # the main process reports
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +314,15 @@ def test_text_encoder_training_resumes_exactly(
     resumed_ema = load_file(project / paths.LORA / "ema" / LORA_WEIGHTS)
     assert all(torch.equal(resumed_ema[k], ema[k]) for k in ema)
     assert list(eval_curve) == [0, 2, STEPS] and read_tsv(eval_log) == eval_curve
+
+
+def test_the_step_rate_leaves_out_validation(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported steps/s times the steps alone: a validation grid after every step (like eval loss
+    and checkpoints) is counted apart, so it cannot make training look slower than it is."""
+    quick = {"validation_steps": 1, "validation_num_inference_steps": 2, "validation_resolution": "64x64"}
+    result = train_run(project, monkeypatch, validation=quick)
+    assert result["steps"] == STEPS
+    assert 0 < result["step_seconds"] < result["train_seconds"]
 
 
 def test_model_card_shows_only_images_of_the_exported_weights(

@@ -401,6 +401,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
     set_training(models.values(), optimizer, True)
     loss_value = float("nan")
     started = time.perf_counter()
+    side_seconds = 0.0  # eval loss, validation and checkpoints: timed apart from the steps' rate
     interrupt = checkpoint_on_first_sigint()
     progress = tqdm(
         range(start_step, max_steps),
@@ -465,6 +466,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         if live is not None:
             live.next_step()
         done = step + 1
+        side_started = time.perf_counter()
         log_eval_loss(done)
         due = validation.validation_steps and done % validation.validation_steps == 0
         if pipeline is not None and (due or (done == max_steps and cfg.validate_at_end)):
@@ -485,6 +487,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
                     fingerprint,
                     cfg.checkpoints_total_limit,
                 )
+        side_seconds += time.perf_counter() - side_started
         if stopping:
             raise UserError(
                 f"interrupted: checkpoint of step {done} saved in {paths.CHECKPOINTS}; "
@@ -516,6 +519,7 @@ def train(params: Params, lock: dict[str, Any]) -> dict[str, float] | None:
         "final_train_loss": loss_value,
         "steps": max_steps - start_step,
         "train_seconds": train_seconds,
+        "step_seconds": train_seconds - side_seconds,
         "processes": world,
     }
 
