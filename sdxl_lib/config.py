@@ -69,12 +69,13 @@ class ValidationParams(Section):
     def _preview_needs_a_webhook(self) -> ValidationParams:
         if not self.validation_preview:
             return self
-        if self.webhook is None:
+        url = self.webhook
+        if url is None:
             raise ValueError(
                 f"validation_preview needs a webhook: set the environment variable {WEBHOOK_URL_ENV} "
                 "(a secret URL stays out of params.yaml) or webhook_url"
             )
-        if not re.match(WEBHOOK_URL, self.webhook):
+        if not re.match(WEBHOOK_URL, url):  # webhook_url's own pattern has passed: the URL is the env's
             raise ValueError(f"{WEBHOOK_URL_ENV} must be an http:// or https:// URL")
         return self
 
